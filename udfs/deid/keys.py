@@ -1,0 +1,218 @@
+"""Vault keys: the fingerprint key, the audit-chain key and versioned value-encryption keys.
+
+- ``fingerprint_key`` (HMAC-SHA256) makes tokens convergent: the index maps
+  HMAC(fingerprint_key, domain, match key) to a token. It is never rotated, because a new one
+  would give every value a new fingerprint and so a new token.
+- ``keys`` are AES-256-GCM keys by version; ``current`` encrypts new values. Rotation adds a
+  version, so tokens stay and every old value stays readable; ``deid keys rewrap`` moves old
+  records to the current version so an old key can then be retired.
+- ``audit_key`` (HMAC-SHA256) chains audit records so that an edit or a deletion in the middle
+  of the log is detected by ``deid audit verify``.
+
+Keys come from ``DEID_KEYS`` (the key file's JSON, for hosts with a secret manager) or from a
+key file beside the vault, created 0600 on first use. A key set never meets a vault it does
+not belong to: the vault stores a check value of the fingerprint key and refuses others.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import ConfigError, VaultKeyError
+
+_FORMAT = 1
+_NONCE = 12
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(text: str, what: str) -> bytes:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise VaultKeyError(f"deid keys: {what} is not valid base64") from None
+    if len(raw) != 32:
+        raise VaultKeyError(f"deid keys: {what} must be 32 bytes, got {len(raw)}")
+    return raw
+
+
+@dataclass
+class Keyring:
+    """The key material of one vault. Build with `Keyring.generate()` or `Keyring.from_json()`."""
+
+    fingerprint_key: bytes
+    audit_key: bytes
+    keys: dict[int, bytes]
+    current: int
+    source: str = "memory"
+    _aead: dict[int, AESGCM] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.current not in self.keys:
+            raise VaultKeyError(f"deid keys: current version {self.current} has no key")
+        self._aead = {v: AESGCM(k) for v, k in self.keys.items()}
+
+    def __repr__(self) -> str:  # never print key material
+        return f"Keyring(versions={sorted(self.keys)}, current={self.current}, source={self.source!r})"
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def generate(cls, source: str = "memory") -> Keyring:
+        return cls(secrets.token_bytes(32), secrets.token_bytes(32), {1: secrets.token_bytes(32)},
+                   1, source)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Keyring:
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != _FORMAT:
+                raise VaultKeyError(f"deid keys: {source} has unsupported format {doc.get('format')!r}")
+            keys = {int(v): _unb64(k, f"key version {v}") for v, k in doc["keys"].items()}
+            return cls(_unb64(doc["fingerprint_key"], "fingerprint_key"),
+                       _unb64(doc["audit_key"], "audit_key"), keys, int(doc["current"]), source)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise VaultKeyError(f"deid keys: {source} is not a deid key set (JSON with format, "
+                                "fingerprint_key, audit_key, keys, current)") from None
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": _FORMAT,
+            "fingerprint_key": _b64(self.fingerprint_key),
+            "audit_key": _b64(self.audit_key),
+            "current": self.current,
+            "keys": {str(v): _b64(k) for v, k in sorted(self.keys.items())},
+        }, indent=2) + "\n"
+
+    def rotated(self) -> Keyring:
+        """A copy with a new current encryption key; fingerprint and audit keys unchanged."""
+        version = max(self.keys) + 1
+        keys = {**self.keys, version: secrets.token_bytes(32)}
+        return Keyring(self.fingerprint_key, self.audit_key, keys, version, self.source)
+
+    # -- use -------------------------------------------------------------------------------
+
+    def check_value(self) -> str:
+        """Identifies the fingerprint key without revealing it; stored in the vault."""
+        return hmac.new(self.fingerprint_key, b"deid key check v1", hashlib.sha256).hexdigest()
+
+    def fingerprint(self, domain: str, match_key: str) -> bytes:
+        msg = domain.encode() + b"\x00" + match_key.encode("utf-8", "surrogatepass")
+        return hmac.digest(self.fingerprint_key, msg, "sha256")
+
+    def encrypt(self, token: str, canonical: str) -> tuple[int, bytes]:
+        """(key version, nonce ‖ ciphertext) bound to the token, so records cannot be swapped."""
+        v = self.current
+        nonce = os.urandom(_NONCE)
+        ct = self._aead[v].encrypt(nonce, canonical.encode("utf-8", "surrogatepass"),
+                                   _aad(token, v))
+        return v, nonce + ct
+
+    def decrypt(self, token: str, version: int, blob: bytes) -> str:
+        aead = self._aead.get(version)
+        if aead is None:
+            raise VaultKeyError(f"deid keys: key version {version} is not in {self.source}; "
+                                "restore it (rotation keeps old versions for this reason)")
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            raw = aead.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(token, version))
+        except InvalidTag:
+            raise VaultKeyError("deid keys: a vault record failed authentication (tampered "
+                                "record or wrong key)") from None
+        return raw.decode("utf-8", "surrogatepass")
+
+    def chain(self, prev_hash: str, record: dict[str, Any]) -> str:
+        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        return hmac.new(self.audit_key, prev_hash.encode() + b"\n" + body,
+                        hashlib.sha256).hexdigest()
+
+
+def _aad(token: str, version: int) -> bytes:
+    return f"deid:v{version}:{token}".encode()
+
+
+# ---------------------------------------------------------------------------------------
+# sources
+
+
+_lock = threading.Lock()
+
+
+def key_file_for(vault_path: Path) -> Path:
+    return vault_path.with_name(vault_path.name + ".keys")
+
+
+def load_or_create(key_file: Path, *, create: bool) -> Keyring:
+    """Read the key file, or create it (0600, atomically, race-safe) when `create` is set.
+
+    Creation is decided by the caller: only a vault that holds no records yet may get new
+    keys. Otherwise a lost key file would silently start a second, divergent token space.
+    """
+    env = os.environ.get("DEID_KEYS")
+    if env:
+        return Keyring.from_json(env, "DEID_KEYS")
+    with _lock:
+        try:
+            return _read_key_file(key_file)
+        except FileNotFoundError:
+            if not create:
+                raise VaultKeyError(
+                    f"deid keys: key file {key_file} is missing and the vault already holds "
+                    "records; restore the key file or set DEID_KEYS (refusing to create new "
+                    "keys, which would mint different tokens)") from None
+        ring = Keyring.generate(str(key_file))
+        write_key_file(key_file, ring, exclusive=True)
+        # Another process may have won the race: whatever is on disk is the vault's key set.
+        return _read_key_file(key_file)
+
+
+def _read_key_file(key_file: Path) -> Keyring:
+    st = key_file.stat()
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise VaultKeyError(
+            f"deid keys: key file {key_file} is readable by group or others; "
+            f"run: chmod 600 {key_file}")
+    return Keyring.from_json(key_file.read_text(), str(key_file))
+
+
+def write_key_file(key_file: Path, ring: Keyring, *, exclusive: bool) -> None:
+    """Write via a 0600 temp file; `exclusive` links it in only if no file exists yet."""
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = key_file.with_name(f".{key_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(ring.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        if exclusive:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, key_file)
+        else:
+            os.replace(tmp, key_file)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def require_file_source(ring: Keyring) -> Path:
+    if ring.source in ("DEID_KEYS", "memory"):
+        raise ConfigError("deid keys: keys come from DEID_KEYS; rotate them where that secret "
+                          "is kept (add a version, set current) and restart the hosts")
+    return Path(ring.source)

@@ -1,0 +1,304 @@
+"""Kinds of sensitive value: how each is normalized, validated, and what its tokens look like.
+
+A *kind spec* is what SQL passes as the second argument of ``deid.tokenize``:
+``"<kind>"`` or ``"<kind>:<domain>"``. Tokens of one domain converge (same normalized
+value, same token); the default domain is the kind itself, so an email joins across every
+table. A separate domain (``"email:marketing"``) gives unlinkable tokens for the same values.
+
+Normalization is what makes one person one token: it maps the spellings of one value to
+one *match key* (what the fingerprint is computed over) and one *canonical* form (what the
+vault stores and detokenize returns). Both are documented per kind in the README.
+
+Token formats (all random; nothing in a token is computed from the value except a card
+token's last four digits, which PCI DSS allows to be shown):
+
+======== ======================================= =====================================
+kind     token                                   why that shape
+======== ======================================= =====================================
+email    ``<24 base32>@deid.invalid``            valid address in a reserved TLD
+phone    ``+999`` + 12 digits                    E.164-shaped; 999 is a reserved code
+ssn      ``9AA-GG-SSSS``, AA 50–99, GG 00–49     area 9xx is never issued; GG is
+                                                 outside every ITIN group range
+card     ``9`` + 11 digits + last four           16 digits, MII 9, always fails Luhn
+name     ``name_<24 base32>``                    recognizable prefix
+address  ``addr_<24 base32>``
+date     ``date_<24 base32>``
+string   ``str_<24 base32>``
+======== ======================================= =====================================
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import re
+import secrets
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .errors import InvalidKindError
+
+# Crockford-free: the standard base32 alphabet, lowercased. 15 random bytes → 24 chars, 120 bits.
+_TOKEN_BYTES = 15
+_TOKEN_CHARS = 24
+
+
+class _Invalid(ValueError):
+    """Internal: a value failed its kind's rules. The reason never contains the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    name: str
+    max_length: int  # of the raw value, in characters, before normalization
+    normalize: Callable[[str], tuple[str, str]]  # value -> (canonical, match_key)
+    new_tokens: Callable[[int, list[str]], list[str]]  # (n, canonicals) -> n fresh tokens
+    token_pattern: re.Pattern[str]
+
+
+@dataclass(frozen=True, slots=True)
+class KindSpec:
+    kind: Kind
+    domain: str
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+
+# ---------------------------------------------------------------------------------------
+# random token bodies
+
+
+def _base32_bodies(n: int) -> list[str]:
+    """n random 24-character lowercase base32 strings from one CSPRNG read."""
+    if n == 0:
+        return []
+    text = base64.b32encode(secrets.token_bytes(_TOKEN_BYTES * n)).decode("ascii").lower()
+    return [text[i : i + _TOKEN_CHARS] for i in range(0, _TOKEN_CHARS * n, _TOKEN_CHARS)]
+
+
+def _random_digits(n: int, width: int) -> list[str]:
+    """n random strings of `width` decimal digits, uniformly distributed."""
+    bound = 10**width
+    fmt = f"{{:0{width}d}}"
+    return [fmt.format(secrets.randbelow(bound)) for _ in range(n)]
+
+
+def _prefixed(prefix: str) -> Callable[[int, list[str]], list[str]]:
+    def make(n: int, _canonicals: list[str]) -> list[str]:
+        return [prefix + body for body in _base32_bodies(n)]
+
+    return make
+
+
+def _email_tokens(n: int, _canonicals: list[str]) -> list[str]:
+    return [body + "@deid.invalid" for body in _base32_bodies(n)]
+
+
+def _phone_tokens(n: int, _canonicals: list[str]) -> list[str]:
+    return ["+999" + d for d in _random_digits(n, 12)]
+
+
+def _ssn_tokens(n: int, _canonicals: list[str]) -> list[str]:
+    out = []
+    for _ in range(n):
+        area = 950 + secrets.randbelow(50)
+        group = secrets.randbelow(50)
+        serial = secrets.randbelow(10_000)
+        out.append(f"{area:03d}-{group:02d}-{serial:04d}")
+    return out
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _card_tokens(n: int, canonicals: list[str]) -> list[str]:
+    out = []
+    for canonical, middle in zip(canonicals, _random_digits(n, 11), strict=True):
+        token = "9" + middle + canonical[-4:]
+        if luhn_valid(token):
+            # Any single-digit change breaks Luhn: the token can never pass as a card number.
+            bumped = (int(token[11]) + 1) % 10
+            token = token[:11] + str(bumped) + token[12:]
+        out.append(token)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# normalization
+
+
+_WS = re.compile(r"\s+")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_PHONE_SEPARATORS = re.compile(r"[\s().\-/]")
+_DIGITS = re.compile(r"[0-9]+")
+_SSN = re.compile(r"([0-9]{3})-?([0-9]{2})-?([0-9]{4})")
+_CARD_SEPARATORS = re.compile(r"[\s\-]")
+_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
+
+
+# C0/C1 control characters other than tab and newlines: corruption, not a spelling. Refuse
+# rather than silently mint a token for garbage.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _check_text(value: str) -> None:
+    if _CONTROL.search(value):
+        raise _Invalid("contains a control character")
+
+
+def _norm_email(value: str) -> tuple[str, str]:
+    v = unicodedata.normalize("NFKC", value).strip().lower()
+    if not _EMAIL.fullmatch(v):
+        raise _Invalid("is not an email address (expected exactly one '@' and a dotted domain)")
+    return v, v
+
+
+def _norm_phone(value: str) -> tuple[str, str]:
+    v = _PHONE_SEPARATORS.sub("", unicodedata.normalize("NFKC", value))
+    plus = v.startswith("+")
+    digits = v[1:] if plus else v
+    if not _DIGITS.fullmatch(digits or "x"):
+        raise _Invalid("is not a phone number (only digits, spaces, + ( ) . - / are allowed)")
+    if not plus:
+        # North American numbers arrive without a country code; treat them as +1.
+        if len(digits) == 10:
+            digits = "1" + digits
+        elif not (len(digits) == 11 and digits[0] == "1"):
+            raise _Invalid("is not a phone number (10 digits, 1 + 10 digits, or +<country code>)")
+    if not 8 <= len(digits) <= 15:
+        raise _Invalid("is not a phone number (E.164 allows 8 to 15 digits)")
+    e164 = "+" + digits
+    return e164, e164
+
+
+def _norm_ssn(value: str) -> tuple[str, str]:
+    m = _SSN.fullmatch(value.strip())
+    if not m:
+        raise _Invalid("is not an SSN (expected 9 digits, optionally as AAA-GG-SSSS)")
+    v = f"{m[1]}-{m[2]}-{m[3]}"
+    return v, v
+
+
+def _norm_card(value: str) -> tuple[str, str]:
+    v = _CARD_SEPARATORS.sub("", value)
+    if not _DIGITS.fullmatch(v or "x") or not 12 <= len(v) <= 19:
+        raise _Invalid("is not a card number (12 to 19 digits, spaces or dashes allowed)")
+    # No Luhn check: a mistyped number in landing data is still cardholder data to protect.
+    return v, v
+
+
+def _norm_words(value: str) -> tuple[str, str]:
+    v = _WS.sub(" ", unicodedata.normalize("NFKC", value)).strip()
+    return v, v.casefold()
+
+
+def _norm_date(value: str) -> tuple[str, str]:
+    m = _DATE.fullmatch(value.strip())
+    try:
+        if not m:
+            raise ValueError
+        d = _dt.date(int(m[1]), int(m[2]), int(m[3]))
+    except ValueError:
+        raise _Invalid("is not a date (expected YYYY-MM-DD)") from None
+    v = d.isoformat()
+    return v, v
+
+
+def _norm_string(value: str) -> tuple[str, str]:
+    v = unicodedata.normalize("NFC", value)
+    return v, v
+
+
+_B32 = "[a-z2-7]{24}"
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("email", 254, _norm_email, _email_tokens, re.compile(_B32 + r"@deid\.invalid")),
+        Kind("phone", 32, _norm_phone, _phone_tokens, re.compile(r"\+999[0-9]{12}")),
+        Kind("ssn", 16, _norm_ssn, _ssn_tokens, re.compile(r"9[5-9][0-9]-[0-4][0-9]-[0-9]{4}")),
+        Kind("card", 32, _norm_card, _card_tokens, re.compile(r"9[0-9]{15}")),
+        Kind("name", 256, _norm_words, _prefixed("name_"), re.compile("name_" + _B32)),
+        Kind("address", 512, _norm_words, _prefixed("addr_"), re.compile("addr_" + _B32)),
+        Kind("date", 32, _norm_date, _prefixed("date_"), re.compile("date_" + _B32)),
+        Kind("string", 4096, _norm_string, _prefixed("str_"), re.compile("str_" + _B32)),
+    )
+}
+
+_DOMAIN = re.compile(r"[a-z][a-z0-9_]{0,62}")
+
+
+@lru_cache(maxsize=256)
+def parse_kind(spec: str) -> KindSpec:
+    """Parse ``"kind"`` or ``"kind:domain"``; raises InvalidKindError naming what is wrong."""
+    if not isinstance(spec, str):
+        raise InvalidKindError("deid.tokenize: the kind argument must be text, e.g. 'email'")
+    name, sep, domain = spec.strip().lower().partition(":")
+    kind = KINDS.get(name)
+    if kind is None:
+        raise InvalidKindError(
+            f"deid.tokenize: unknown kind {name[:40]!r}; expected one of {', '.join(KINDS)} "
+            "(optionally followed by ':<domain>')"
+        )
+    if not sep:
+        domain = name
+    elif not _DOMAIN.fullmatch(domain):
+        raise InvalidKindError(
+            f"deid.tokenize: kind {name!r} has an invalid domain; a domain is 1-63 characters "
+            "of a-z, 0-9 and _, starting with a letter"
+        )
+    return KindSpec(kind, domain)
+
+
+def normalize(kind: Kind, value: str) -> tuple[str, str]:
+    """(canonical, match_key) for a value of `kind`; raises _Invalid with a value-free reason."""
+    if len(value) > kind.max_length:
+        raise _Invalid(f"is longer than the {kind.name} limit of {kind.max_length} characters")
+    _check_text(value)
+    return kind.normalize(value)
+
+
+def kind_of_token(token: str) -> Kind | None:
+    """The kind whose token format `token` has, or None. Cheap checks first."""
+    if token.endswith("@deid.invalid"):
+        k = KINDS["email"]
+    elif token.startswith("+999"):
+        k = KINDS["phone"]
+    elif token.startswith("name_"):
+        k = KINDS["name"]
+    elif token.startswith("addr_"):
+        k = KINDS["address"]
+    elif token.startswith("date_"):
+        k = KINDS["date"]
+    elif token.startswith("str_"):
+        k = KINDS["string"]
+    elif len(token) == 11:
+        k = KINDS["ssn"]
+    elif len(token) == 16:
+        k = KINDS["card"]
+    else:
+        return None
+    return k if k.token_pattern.fullmatch(token) else None
+
+
+def is_token(token: str, kind: str | None = None) -> bool:
+    """True when `token` has the shape of a deid token (of `kind`, when given)."""
+    k = kind_of_token(token)
+    if k is None:
+        return False
+    if k.name == "card" and luhn_valid(token):
+        return False
+    return kind is None or k.name == kind

@@ -1,0 +1,267 @@
+"""The token service: batch in, batch out. Every engine host calls only this.
+
+``tokenize(kind, values)`` normalizes each value, fingerprints it under the vault's key,
+looks the fingerprint up, and mints a random token (with its value encrypted) only for
+fingerprints never seen. ``detokenize(tokens, principal)`` checks the vault policy, audits,
+then decrypts. Both fail whole: one bad row fails the batch, so a query (and the dbt model
+that runs it) fails instead of storing a NULL, a raw value or an error string.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from . import kinds as _kinds
+from .errors import (
+    DeidError,
+    InvalidValueError,
+    PermissionDeniedError,
+    UnknownTokenError,
+    VaultKeyError,
+    VaultUnavailableError,
+)
+from .store import GENESIS, NewRecord, StoredValue, VaultStore
+
+DEFAULT_CACHE_SIZE = 1_000_000
+_MAX_COLLISION_RETRIES = 8
+
+
+class TokenService(Protocol):
+    """What a UDF host needs. Implemented by `VaultTokenService` and by external vaults."""
+
+    def tokenize(self, kind: str, values: Sequence[str | None], *,
+                 column: str | None = None) -> list[str | None]: ...
+
+    def detokenize(self, tokens: Sequence[str | None], *, principal: str,
+                   query_id: str | None = None, host: str | None = None) -> list[str | None]: ...
+
+
+class _BoundedCache:
+    """A two-generation cache: O(1) get/put, memory bounded by `capacity` entries.
+
+    Cheaper than an LRU's per-hit reordering on the UDF hot path; entries used in the last
+    generation survive a rollover.
+    """
+
+    __slots__ = ("_cold", "_half", "_hot", "_lock")
+
+    def __init__(self, capacity: int) -> None:
+        self._half = max(capacity // 2, 0)
+        self._hot: dict[Any, str] = {}
+        self._cold: dict[Any, str] = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[Any]) -> list[str | None]:
+        hot, cold = self._hot, self._cold
+        out: list[str | None] = []
+        promote = []
+        for k in keys:
+            v = hot.get(k)
+            if v is None:
+                v = cold.get(k)
+                if v is not None:
+                    promote.append((k, v))
+            out.append(v)
+        if promote:
+            self.put_many(promote)
+        return out
+
+    def put_many(self, items: Sequence[tuple[Any, str]]) -> None:
+        if self._half == 0:
+            return
+        with self._lock:
+            hot = self._hot
+            for k, v in items:
+                hot[k] = v
+                if len(hot) >= self._half:
+                    self._cold, self._hot = hot, {}
+                    hot = self._hot
+
+    def clear(self) -> None:
+        with self._lock:
+            self._hot, self._cold = {}, {}
+
+    def __len__(self) -> int:
+        return len(self._hot) + len(self._cold)
+
+
+class VaultTokenService:
+    """deid's own vault: convergent random tokens over a `VaultStore`.
+
+    `cache_size` bounds the tokenize cache (raw value → token, per kind spec) and
+    `detokenize_cache_size` the detokenize cache (token → value); 0 disables one. These, not
+    the row count, bound the service's memory.
+    """
+
+    def __init__(self, store: VaultStore, *, cache_size: int = DEFAULT_CACHE_SIZE,
+                 detokenize_cache_size: int = 100_000) -> None:
+        self.store = store
+        self.keyring = store.keyring()
+        self._token_cache = _BoundedCache(cache_size)
+        self._value_cache = _BoundedCache(detokenize_cache_size)
+
+    # -- tokenize -------------------------------------------------------------------------
+
+    def tokenize(self, kind: str, values: Sequence[str | None], *,
+                 column: str | None = None) -> list[str | None]:
+        spec = _kinds.parse_kind(kind)
+        # Cache keys carry the domain: one raw value may have different tokens per domain.
+        keys = [(spec.domain, spec.name, v) if v is not None else None for v in values]
+        out = self._token_cache.get_many(keys)
+        pending: dict[str, list[int]] = {}
+        for i, (v, t) in enumerate(zip(values, out, strict=True)):
+            if t is None and v is not None:
+                pending.setdefault(v, []).append(i)
+        if not pending:
+            return out
+        if any(not isinstance(v, str) for v in pending):
+            row = next(i for i, v in enumerate(values) if v is not None and not isinstance(v, str))
+            raise InvalidValueError(spec.name, "is not text", row=row + 1, column=column)
+
+        # Normalize every distinct raw value; several spellings may share one match key.
+        by_match: dict[str, tuple[str, list[str]]] = {}  # match_key -> (canonical, raw values)
+        for raw, rows in pending.items():
+            try:
+                canonical, match_key = _kinds.normalize(spec.kind, raw)
+            except _kinds._Invalid as exc:
+                raise InvalidValueError(spec.name, str(exc), row=rows[0] + 1,
+                                        column=column) from None
+            entry = by_match.get(match_key)
+            if entry is None:
+                by_match[match_key] = (canonical, [raw])
+            else:
+                entry[1].append(raw)
+
+        tokens_by_match = self._tokens_for(spec, by_match)
+        learned = []
+        for match_key, (_canonical, raws) in by_match.items():
+            token = tokens_by_match[match_key]
+            for raw in raws:
+                learned.append(((spec.domain, spec.name, raw), token))
+                for i in pending[raw]:
+                    out[i] = token
+        self._token_cache.put_many(learned)
+        return out
+
+    def _tokens_for(self, spec: _kinds.KindSpec,
+                    by_match: dict[str, tuple[str, list[str]]]) -> dict[str, str]:
+        ring = self.keyring
+        fp_of = {m: ring.fingerprint(spec.domain, m) for m in by_match}
+        found = self.store.find_tokens(spec.domain, list(fp_of.values()))
+        result = {m: found[fp] for m, fp in fp_of.items() if fp in found}
+        missing = [m for m in by_match if m not in result]
+        for _attempt in range(_MAX_COLLISION_RETRIES):
+            if not missing:
+                return result
+            canonicals = [by_match[m][0] for m in missing]
+            fresh = spec.kind.new_tokens(len(missing), canonicals)
+            records = []
+            for m, canonical, token in zip(missing, canonicals, fresh, strict=True):
+                version, blob = ring.encrypt(token, canonical)
+                records.append(NewRecord(spec.domain, fp_of[m], token, spec.name, version, blob))
+            winners = self.store.insert_tokens(records)
+            still = []
+            for m in missing:
+                token = winners.get(fp_of[m])
+                if token is None:
+                    still.append(m)  # proposed token collided with another value's token
+                else:
+                    result[m] = token
+            missing = still
+        raise VaultUnavailableError(
+            f"deid.tokenize: kind {spec.name!r}: could not mint unique tokens after "
+            f"{_MAX_COLLISION_RETRIES} attempts; the {spec.domain!r} domain's token space "
+            "is nearly full (see the token format table)")
+
+    # -- detokenize -----------------------------------------------------------------------
+
+    def detokenize(self, tokens: Sequence[str | None], *, principal: str,
+                   query_id: str | None = None, host: str | None = None) -> list[str | None]:
+        present = [t for t in tokens if t is not None]
+        kinds: Counter[str] = Counter()
+        bad_row = None
+        for i, t in enumerate(tokens):
+            if t is None:
+                continue
+            k = _kinds.kind_of_token(t) if isinstance(t, str) else None
+            if k is None:
+                bad_row = bad_row or i + 1
+            else:
+                kinds[k.name] += 1
+        allowed = self.store.is_allowed(principal)
+        outcome = "allowed" if allowed else "denied"
+        if allowed and bad_row is not None:
+            outcome = "rejected"
+        self._audit(principal, outcome, len(present), kinds, query_id, host)
+        if not allowed:
+            raise PermissionDeniedError(
+                f"deid.detokenize: permission denied: principal {principal!r} is not in the "
+                "vault's detokenize policy (ask a vault admin: deid grant <principal>)")
+        if bad_row is not None:
+            raise UnknownTokenError(
+                f"deid.detokenize: row {bad_row} of the batch is not a deid token "
+                "(the input is not shown)")
+
+        out = self._value_cache.get_many(tokens)
+        need = list({t for t, v in zip(tokens, out, strict=True) if v is None and t is not None})
+        if need:
+            stored = self.store.fetch_values(need)
+            values = {t: self._decrypt(t, stored[t]) for t in need if t in stored}
+            if len(values) != len(need):
+                row = next(i for i, t in enumerate(tokens) if t in set(need) - values.keys())
+                raise UnknownTokenError(
+                    f"deid.detokenize: row {row + 1} of the batch holds a token this vault "
+                    "never issued (forged, truncated, or from another vault; not shown)")
+            self._value_cache.put_many(list(values.items()))
+            out = [values.get(t, v) if t is not None and v is None else v
+                   for t, v in zip(tokens, out, strict=True)]
+        return out
+
+    def _decrypt(self, token: str, value: StoredValue) -> str:
+        try:
+            return self.keyring.decrypt(token, value.key_version, value.ciphertext)
+        except VaultKeyError:
+            if value.key_version in self.keyring.keys:
+                raise
+            # Keys were rotated by another process since this one loaded them.
+            reload = getattr(self.store, "reload_keyring", None)
+            if reload is None:
+                raise
+            self.keyring = reload()
+            return self.keyring.decrypt(token, value.key_version, value.ciphertext)
+
+    def _audit(self, principal: str, outcome: str, count: int, kinds: Counter[str],
+               query_id: str | None, host: str | None) -> None:
+        record = {
+            "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
+            "action": "detokenize",
+            "principal": principal,
+            "outcome": outcome,
+            "count": count,
+            "kinds": dict(sorted(kinds.items())),
+            "query_id": query_id,
+            "host": host,
+        }
+        self.store.append_audit(record, self.keyring.chain)
+
+    # -- audit verification -----------------------------------------------------------------
+
+    def verify_audit(self) -> dict[str, Any]:
+        """Walk the chain; raise DeidError at the first record that does not verify."""
+        prev, n = GENESIS, 0
+        for rec in self.store.audit_records():
+            n += 1
+            body = {k: v for k, v in rec.items() if k not in ("prev", "hash")}
+            if rec["seq"] != n:
+                raise DeidError(f"deid audit: record {n} is missing (found seq {rec['seq']}): "
+                                "records were deleted")
+            if rec["prev"] != prev:
+                raise DeidError(f"deid audit: record {n} does not follow record {n - 1}")
+            if self.keyring.chain(prev, body) != rec["hash"]:
+                raise DeidError(f"deid audit: record {n} was altered (its hash does not verify)")
+            prev = rec["hash"]
+        return {"records": n, "head": prev}

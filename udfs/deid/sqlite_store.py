@@ -1,0 +1,275 @@
+"""The embedded vault: one SQLite file (WAL), safe under concurrent threads and processes.
+
+Convergence under concurrency: new tokens are inserted with ``INSERT OR IGNORE`` inside a
+``BEGIN IMMEDIATE`` transaction (one writer at a time across processes), and the winners are
+read back in the same transaction, so two writers that see one new value return one token.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import keys as _keys
+from .errors import VaultKeyError, VaultUnavailableError
+from .store import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
+
+_SCHEMA_VERSION = "1"
+# Keep well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
+_CHUNK = 2000
+
+_SCHEMA = """
+create table if not exists meta (key text primary key, value text not null);
+create table if not exists tokens (
+    token text primary key,
+    domain text not null,
+    fingerprint blob not null,
+    kind text not null,
+    key_version integer not null,
+    ciphertext blob not null
+) without rowid;
+create unique index if not exists tokens_by_fingerprint on tokens (domain, fingerprint);
+create table if not exists principals (
+    principal text primary key,
+    granted_at text not null,
+    granted_by text not null
+);
+create table if not exists audit (
+    seq integer primary key,
+    record text not null,
+    prev text not null,
+    hash text not null
+);
+"""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class SQLiteStore(VaultStore):
+    def __init__(self, path: Path, *, busy_timeout_s: float = 60.0) -> None:
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self._timeout = busy_timeout_s
+        self._local = threading.local()
+        self._keyring: _keys.Keyring | None = None
+        self._keyring_lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._tx() as db:
+            # executescript would commit the open transaction: run statements one by one.
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute("insert or ignore into meta values ('schema_version', ?)",
+                       (_SCHEMA_VERSION,))
+        try:
+            self.path.chmod(0o600)
+        except OSError:  # pragma: no cover - e.g. a read-only mount owned by someone else
+            pass
+
+    # -- connections ------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            try:
+                db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
+                                     check_same_thread=True)
+                db.execute("pragma journal_mode=wal")
+                # FULL: a token that reached a mart must never be lost from the vault.
+                db.execute("pragma synchronous=full")
+                db.execute("pragma foreign_keys=on")
+            except sqlite3.Error as exc:
+                raise VaultUnavailableError(
+                    f"deid vault: cannot open {self.path}: {exc.__class__.__name__}") from None
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        try:
+            db.execute("begin immediate" if write else "begin")
+        except sqlite3.Error as exc:
+            raise VaultUnavailableError(
+                f"deid vault: {self.path} is unavailable ({exc})") from None
+        try:
+            yield db
+        except BaseException:
+            db.execute("rollback")
+            raise
+        try:
+            db.execute("commit")
+        except sqlite3.Error as exc:
+            raise VaultUnavailableError(f"deid vault: commit failed ({exc})") from None
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise VaultUnavailableError(f"deid vault: read failed ({exc})") from None
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def keyring(self) -> _keys.Keyring:
+        with self._keyring_lock:
+            if self._keyring is None:
+                self._keyring = self._load_keyring()
+            return self._keyring
+
+    def reload_keyring(self) -> _keys.Keyring:
+        with self._keyring_lock:
+            self._keyring = self._load_keyring()
+            return self._keyring
+
+    def _load_keyring(self) -> _keys.Keyring:
+        empty = not self._read("select 1 from tokens limit 1") and not self._read(
+            "select 1 from meta where key = 'key_check'")
+        ring = _keys.load_or_create(_keys.key_file_for(self.path), create=empty)
+        check = ring.check_value()
+        with self._tx() as db:
+            db.execute("insert or ignore into meta values ('key_check', ?)", (check,))
+            stored = db.execute("select value from meta where key = 'key_check'").fetchone()[0]
+        if stored != check:
+            raise VaultKeyError(
+                f"deid keys: {ring.source} does not belong to the vault {self.path} "
+                "(its fingerprint key differs); use the vault's own key file")
+        return ring
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def find_tokens(self, domain: str, fingerprints: Sequence[bytes]) -> dict[bytes, str]:
+        found: dict[bytes, str] = {}
+        for i in range(0, len(fingerprints), _CHUNK):
+            chunk = fingerprints[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._read(
+                f"select fingerprint, token from tokens where domain = ? "
+                f"and fingerprint in ({marks})", (domain, *chunk)))
+        return found
+
+    def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
+        if not records:
+            return {}
+        domain = records[0].domain
+        rows = [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
+                for r in records]
+        with self._tx() as db:
+            before = db.total_changes
+            db.executemany("insert or ignore into tokens values (?, ?, ?, ?, ?, ?)", rows)
+            inserted = db.total_changes - before
+            if inserted == len(rows):
+                return {r.fingerprint: r.token for r in records}
+            # Someone else minted some of these (or a token collided): read the winners.
+            fps = [r.fingerprint for r in records]
+            winners: dict[bytes, str] = {}
+            for i in range(0, len(fps), _CHUNK):
+                chunk = fps[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                winners.update(db.execute(
+                    f"select fingerprint, token from tokens where domain = ? "
+                    f"and fingerprint in ({marks})", (domain, *chunk)).fetchall())
+            return winners
+
+    def fetch_values(self, tokens: Sequence[str]) -> dict[str, StoredValue]:
+        out: dict[str, StoredValue] = {}
+        for i in range(0, len(tokens), _CHUNK):
+            chunk = tokens[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for token, version, blob in self._read(
+                f"select token, key_version, ciphertext from tokens where token in ({marks})",
+                chunk,
+            ):
+                out[token] = StoredValue(version, blob)
+        return out
+
+    def iter_values(self, batch_size: int = 10_000) -> Iterator[list[tuple[str, StoredValue]]]:
+        last = ""
+        while True:
+            rows = self._read(
+                "select token, key_version, ciphertext from tokens where token > ? "
+                "order by token limit ?", (last, batch_size))
+            if not rows:
+                return
+            yield [(t, StoredValue(v, b)) for t, v, b in rows]
+            last = rows[-1][0]
+
+    def update_values(self, rows: Sequence[tuple[str, StoredValue]]) -> None:
+        with self._tx() as db:
+            db.executemany("update tokens set key_version = ?, ciphertext = ? where token = ?",
+                           [(v.key_version, v.ciphertext, t) for t, v in rows])
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def grant(self, principal: str, granted_by: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("insert or ignore into principals values (?, ?, ?)",
+                             (principal, _now(), granted_by))
+            return cur.rowcount == 1
+
+    def revoke(self, principal: str) -> bool:
+        with self._tx() as db:
+            return db.execute("delete from principals where principal = ?",
+                              (principal,)).rowcount == 1
+
+    def principals(self) -> list[dict[str, str]]:
+        return [{"principal": p, "granted_at": at, "granted_by": by} for p, at, by in
+                self._read("select principal, granted_at, granted_by from principals "
+                           "order by principal")]
+
+    def is_allowed(self, principal: str) -> bool:
+        return bool(self._read("select 1 from principals where principal = ?", (principal,)))
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
+        with self._tx() as db:
+            head = db.execute("select seq, hash from audit order by seq desc limit 1").fetchone()
+            seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+            record = {**record, "seq": seq}
+            digest = seal(prev, record)
+            db.execute("insert into audit values (?, ?, ?, ?)",
+                       (seq, json.dumps(record, sort_keys=True), prev, digest))
+        return {**record, "prev": prev, "hash": digest}
+
+    def audit_records(self) -> Iterator[dict[str, Any]]:
+        last = 0
+        while True:
+            rows = self._read("select seq, record, prev, hash from audit where seq > ? "
+                              "order by seq limit 5000", (last,))
+            if not rows:
+                return
+            for seq, record, prev, digest in rows:
+                yield {**json.loads(record), "seq": seq, "prev": prev, "hash": digest}
+            last = rows[-1][0]
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "vault": self.url,
+            "tokens": {f"{d} ({k})": n for d, k, n in self._read(
+                "select domain, kind, count(*) from tokens group by 1, 2 order by 1, 2")},
+            "key_versions": {str(v): n for v, n in self._read(
+                "select key_version, count(*) from tokens group by 1 order by 1")},
+            "principals": len(self.principals()),
+            "audit_records": self._read("select count(*) from audit")[0][0],
+        }
+
+
+def open_store(url: str) -> SQLiteStore:
+    from .vault import sqlite_path
+
+    return SQLiteStore(sqlite_path(url))

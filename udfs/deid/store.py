@@ -1,0 +1,114 @@
+"""The interface every deid vault backend implements (SQLite, PostgreSQL, DynamoDB).
+
+A store keeps four things: the token index (domain + keyed fingerprint → token, unique on
+both), the encrypted values (token → key version + AES-GCM blob), the detokenize policy
+(principals) and the hash-chained audit log. It never sees a clear value or a key: the token
+service encrypts and fingerprints before calling it. Every method takes and returns whole
+batches, because each call may be a network round trip.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .keys import Keyring
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    domain: str
+    fingerprint: bytes
+    token: str
+    kind: str
+    key_version: int
+    ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredValue:
+    key_version: int
+    ciphertext: bytes
+
+
+# seal(prev_hash, record) -> hash of this record; provided by the token service (keyed).
+Sealer = Callable[[str, dict[str, Any]], str]
+
+GENESIS = "0" * 64
+
+
+class VaultStore(ABC):
+    """A vault backend. Implementations must be safe to share between threads."""
+
+    url: str
+
+    @abstractmethod
+    def keyring(self) -> Keyring:
+        """The vault's keys, created on first use only while the vault holds no record."""
+
+    # -- token index and values --------------------------------------------------------
+
+    @abstractmethod
+    def find_tokens(self, domain: str, fingerprints: Sequence[bytes]) -> dict[bytes, str]:
+        """Tokens already issued for these fingerprints (absent ones are left out)."""
+
+    @abstractmethod
+    def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
+        """Insert where the (domain, fingerprint) is new; return the token each fingerprint
+        now has — the caller's, or a concurrent writer's that got there first.
+
+        A fingerprint missing from the result means its proposed token collided with an
+        existing token of another value: the caller retries it with a fresh token.
+        All records of one call share a domain.
+        """
+
+    @abstractmethod
+    def fetch_values(self, tokens: Sequence[str]) -> dict[str, StoredValue]:
+        """Encrypted values of the tokens this vault holds (unknown tokens are left out)."""
+
+    @abstractmethod
+    def iter_values(self, batch_size: int = 10_000) -> Iterator[list[tuple[str, StoredValue]]]:
+        """Every (token, value) in batches: for rewrapping under a new key version."""
+
+    @abstractmethod
+    def update_values(self, rows: Sequence[tuple[str, StoredValue]]) -> None:
+        """Replace the encrypted values of existing tokens (rewrap)."""
+
+    # -- policy ----------------------------------------------------------------------
+
+    @abstractmethod
+    def grant(self, principal: str, granted_by: str) -> bool:
+        """Allow `principal` to detokenize; False if it already was."""
+
+    @abstractmethod
+    def revoke(self, principal: str) -> bool:
+        """Remove `principal` from the policy; False if it was not there."""
+
+    @abstractmethod
+    def principals(self) -> list[dict[str, str]]:
+        """The policy: [{principal, granted_at, granted_by}]."""
+
+    @abstractmethod
+    def is_allowed(self, principal: str) -> bool: ...
+
+    # -- audit ------------------------------------------------------------------------
+
+    @abstractmethod
+    def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
+        """Atomically append: set record["seq"] and record["prev"] from the current head,
+        store it with hash = seal(prev, record), and return the stored record."""
+
+    @abstractmethod
+    def audit_records(self) -> Iterator[dict[str, Any]]:
+        """All audit records in sequence order, each with seq, prev and hash."""
+
+    # -- introspection ------------------------------------------------------------------
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Counts for `deid stats`: tokens per domain and kind, values per key version."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

@@ -1,0 +1,108 @@
+"""Open a token service from one vault URL (env ``DEID_VAULT`` or a host's ``vault`` setting).
+
+=================================  ==========================================================
+``sqlite:///relative/path.db``     deid's embedded vault (default ``sqlite:///.deid/vault.db``)
+``sqlite:////absolute/path.db``
+``postgresql://…``                 deid's vault in a PostgreSQL schema
+``dynamodb://table?region=…``      deid's vault in DynamoDB, keys wrapped by KMS
+``skyflow://…``                    Skyflow's vault over its REST API
+=================================  ==========================================================
+
+Backends are imported lazily so the embedded default needs none of their dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .service import DEFAULT_CACHE_SIZE, TokenService, VaultTokenService
+from .store import VaultStore
+
+DEFAULT_VAULT = "sqlite:///.deid/vault.db"
+
+# scheme -> "module:function" returning a VaultStore (ours) or a TokenService (external).
+_STORES = {
+    "sqlite": "deid.sqlite_store:open_store",
+    "postgresql": "deid.postgres_store:open_store",
+    "postgres": "deid.postgres_store:open_store",
+    "dynamodb": "deid.dynamodb_store:open_store",
+}
+_SERVICES = {
+    "skyflow": "deid.skyflow:open_service",
+}
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    """Read once at a host's edge (plugin initialize, handler load), then passed explicitly."""
+
+    url: str = DEFAULT_VAULT
+    cache_size: int = DEFAULT_CACHE_SIZE
+    detokenize_cache_size: int = 100_000
+
+    @classmethod
+    def from_env(cls, overrides: dict[str, Any] | None = None) -> VaultConfig:
+        o = overrides or {}
+        return cls(
+            url=str(o.get("vault") or os.environ.get("DEID_VAULT") or DEFAULT_VAULT),
+            cache_size=int(o.get("cache_size", os.environ.get("DEID_CACHE_SIZE",
+                                                              DEFAULT_CACHE_SIZE))),
+            detokenize_cache_size=int(o.get("detokenize_cache_size",
+                                            os.environ.get("DEID_DETOKENIZE_CACHE_SIZE",
+                                                           100_000))),
+        )
+
+
+def _load(target: str) -> Any:
+    module, _, func = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except ImportError as exc:
+        raise ConfigError(f"deid vault: the backend module {module} cannot be imported "
+                          f"({exc.name} missing?); install deid with the matching extra") from None
+
+
+def scheme_of(url: str) -> str:
+    return urlsplit(url).scheme.lower() if "://" in url else "sqlite"
+
+
+def open_store(url: str) -> VaultStore:
+    """A deid vault backend (not Skyflow, which is a service of its own)."""
+    scheme = scheme_of(url)
+    if scheme not in _STORES:
+        if scheme in _SERVICES:
+            raise ConfigError(f"deid vault: {scheme}:// is an external vault; deid's own vault "
+                              "commands (keys, grant, audit) do not apply to it")
+        raise ConfigError(f"deid vault: unknown vault scheme {scheme!r}; expected one of "
+                          f"{', '.join(sorted({*_STORES, *_SERVICES}))}")
+    store: VaultStore = _load(_STORES[scheme])(url)
+    return store
+
+
+def open_service(config: VaultConfig) -> TokenService:
+    scheme = scheme_of(config.url)
+    if scheme in _SERVICES:
+        service: TokenService = _load(_SERVICES[scheme])(config)
+        return service
+    return VaultTokenService(open_store(config.url), cache_size=config.cache_size,
+                             detokenize_cache_size=config.detokenize_cache_size)
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///rel`` → rel, ``sqlite:////abs`` → /abs; a bare path is taken as is."""
+    if "://" not in url:
+        return Path(url)
+    parts = urlsplit(url)
+    if parts.netloc or not parts.path.startswith("/"):
+        raise ConfigError("deid vault: an SQLite URL is sqlite:///relative/path or "
+                          "sqlite:////absolute/path")
+    path = parts.path[1:]
+    if not path:
+        raise ConfigError("deid vault: the SQLite URL names no file")
+    return Path(path)
