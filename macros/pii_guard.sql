@@ -1,0 +1,41 @@
+{# Post-hook: fail the model (its swap is rolled back) if it exposes a declared-PII column. #}
+{% macro pii_guard() -%}
+    {{ return(adapter.dispatch('pii_guard', 'deid')()) }}
+{%- endmacro %}
+
+{% macro default__pii_guard() -%}
+    {%- if not execute or model.config.materialized == 'ephemeral' -%}
+        {{ return('') }}
+    {%- endif -%}
+    {%- set upstream = deid.upstream_pii(model) -%}
+    {%- if not upstream -%}
+        {{ return('') }}
+    {%- endif -%}
+    {%- set documented = {} -%}
+    {%- for name, col in model.columns.items() -%}
+        {%- do documented.update({name | lower: deid.column_meta(col)}) -%}
+    {%- endfor -%}
+    {%- set problems = [] -%}
+    {%- set scanned = [] -%}
+    {%- for col in adapter.get_columns_in_relation(this) -%}
+        {%- set name = col.name | lower -%}
+        {%- set meta = documented.get(name) -%}
+        {%- set treatment = (meta or {}).get('deid') or {} -%}
+        {%- if treatment is string -%}{%- set treatment = {treatment: true} -%}{%- endif -%}
+        {%- if treatment.get('tokenized') or treatment.get('generalized') -%}
+            {# declared treatment: the value scan below and the generic tests check it #}
+        {%- elif meta is none -%}
+            {%- do problems.append("column '" ~ name ~ "' is not documented; every column of a model downstream of PII must be declared in its yml (meta deid: {tokenized: <kind>} or {generalized: <how>}, or documented as not sensitive)") -%}
+        {%- elif name in upstream or meta.get('pii') -%}
+            {%- do problems.append("column '" ~ name ~ "' carries declared PII (" ~ (upstream.get(name, {}).get('kind') or meta.get('pii')) ~ ") but is neither tokenized nor generalized; use deid.tokenize or a generalizer and declare it in meta") -%}
+        {%- endif -%}
+        {%- if col.is_string() -%}
+            {%- do scanned.append(col) -%}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- if problems -%}
+        {{ exceptions.raise_compiler_error("deid.pii_guard: model " ~ model.name ~ " would expose PII:\n  - " ~ problems | join("\n  - ")) }}
+    {%- endif -%}
+    {{ deid.pii_value_scan(scanned, upstream) }}
+    {{ return('') }}
+{%- endmacro %}

@@ -1,0 +1,28 @@
+{# Columns declared `meta: {pii: <kind>}` on any source or model upstream of `node`, by name. #}
+{% macro upstream_pii(node) -%}
+    {%- set found = {} -%}
+    {%- set seen = {} -%}
+    {%- do deid._collect_pii(node.depends_on.nodes, found, seen) -%}
+    {{ return(found) }}
+{%- endmacro %}
+
+{% macro _collect_pii(unique_ids, found, seen) -%}
+    {%- for uid in unique_ids if uid not in seen -%}
+        {%- do seen.update({uid: true}) -%}
+        {%- set parent = graph.sources.get(uid) or graph.nodes.get(uid) -%}
+        {%- if parent -%}
+            {%- for name, col in parent.columns.items() -%}
+                {%- set kind = deid.column_meta(col).get('pii') -%}
+                {%- if kind and (name | lower) not in found -%}
+                    {%- do found.update({name | lower: {
+                        'kind': kind,
+                        'relation': parent.relation_name if parent.resource_type == 'source' else none,
+                        'column': name}}) -%}
+                {%- endif -%}
+            {%- endfor -%}
+            {%- if parent.depends_on is defined and parent.depends_on.nodes -%}
+                {%- do deid._collect_pii(parent.depends_on.nodes, found, seen) -%}
+            {%- endif -%}
+        {%- endif -%}
+    {%- endfor -%}
+{%- endmacro %}

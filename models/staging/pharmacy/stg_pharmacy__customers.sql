@@ -1,0 +1,24 @@
+with
+
+source as (
+    select * from {{ source('pharmacy', 'customers') }}
+),
+
+renamed as (
+    select
+        customer_id,
+        full_name,
+        email,
+        nullif(trim(phone), '') as phone,
+        ssn,
+        date_of_birth,
+        street_address,
+        city,
+        state,
+        zip,
+        region,
+        created_at
+    from source
+)
+
+select * from renamed

@@ -1,0 +1,98 @@
+"""The DuckDB host: a dbt-duckdb plugin that registers deid's UDFs on every connection.
+
+Profile (``profiles.yml``)::
+
+    plugins:
+      - module: deid.duckdb_plugin
+        config:
+          vault: sqlite:///.deid/vault.db   # or env DEID_VAULT
+          principal: dbt_transformer        # who detokenize runs as (the vault policy checks it)
+          cache_size: 1000000               # tokenize cache entries (bounds memory)
+
+SQL sees ``deid.tokenize(value, kind)`` and ``deid.detokenize(token)``: two macros in an
+in-memory catalog named ``deid`` (attached per connection, so nothing is written into the
+warehouse file) over vectorized Arrow UDFs. DuckDB has no roles: the principal comes from the
+profile, and the real protection is who can read the vault and its key file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+from duckdb.sqltypes import VARCHAR
+
+from .errors import InvalidKindError
+from .service import TokenService
+from .vault import VaultConfig, open_service
+
+try:  # the plugin base class exists only where dbt-duckdb is installed
+    from dbt.adapters.duckdb.plugins import BasePlugin
+except ImportError:  # pragma: no cover - deid can register UDFs without dbt
+    BasePlugin = object  # type: ignore[assignment,misc]
+
+_CATALOG = "deid"
+
+
+def register(conn: duckdb.DuckDBPyConnection, service: TokenService, principal: str) -> None:
+    """Register deid.tokenize / deid.detokenize on `conn` (idempotent per connection)."""
+
+    def tokenize(values: pa.Array | pa.ChunkedArray, kinds: pa.Array | pa.ChunkedArray) -> pa.Array:
+        distinct = pc.unique(kinds).to_pylist()
+        if len(distinct) == 1 and distinct[0] is not None:
+            return pa.array(service.tokenize(distinct[0], values.to_pylist()), type=pa.string())
+        # Several kinds in one vector (kind taken from a column): one call per kind.
+        vals, ks = values.to_pylist(), kinds.to_pylist()
+        out: list[str | None] = [None] * len(vals)
+        for kind in distinct:
+            if kind is None:
+                if any(v is not None for v, k in zip(vals, ks, strict=True) if k is None):
+                    raise InvalidKindError("deid.tokenize: the kind argument is NULL")
+                continue
+            rows = [i for i, k in enumerate(ks) if k == kind]
+            for i, t in zip(rows, service.tokenize(kind, [vals[i] for i in rows]), strict=True):
+                out[i] = t
+        return pa.array(out, type=pa.string())
+
+    def detokenize(tokens: pa.Array | pa.ChunkedArray) -> pa.Array:
+        return pa.array(service.detokenize(tokens.to_pylist(), principal=principal,
+                                           host="duckdb"), type=pa.string())
+
+    _create(conn, "__deid_tokenize", tokenize, [VARCHAR, VARCHAR], side_effects=False)
+    # Detokenize audits every call: never constant-folded or deduplicated away.
+    _create(conn, "__deid_detokenize", detokenize, [VARCHAR], side_effects=True)
+    conn.execute(f"attach if not exists ':memory:' as {_CATALOG}")
+    conn.execute(f"create or replace macro {_CATALOG}.tokenize(value, kind) as "
+                 "__deid_tokenize(value, kind)")
+    conn.execute(f"create or replace macro {_CATALOG}.detokenize(token) as "
+                 "__deid_detokenize(token)")
+
+
+def _create(conn: duckdb.DuckDBPyConnection, name: str, fn: Any, params: list[Any], *,
+            side_effects: bool) -> None:
+    try:
+        conn.remove_function(name)
+    except (duckdb.InvalidInputException, duckdb.CatalogException):
+        pass
+    conn.create_function(name, fn, params, VARCHAR, type="arrow", null_handling="special",
+                         side_effects=side_effects)
+
+
+class Plugin(BasePlugin):  # type: ignore[misc,valid-type]
+    """dbt-duckdb calls `initialize` once with the plugin config, then `configure_connection`."""
+
+    def initialize(self, plugin_config: dict[str, Any]) -> None:
+        self.config = VaultConfig.from_env(plugin_config)
+        self.principal = str(plugin_config.get("principal") or os.environ.get("DEID_PRINCIPAL")
+                             or getpass.getuser())
+        self._service: TokenService | None = None
+
+    def configure_connection(self, conn: duckdb.DuckDBPyConnection) -> None:
+        if self._service is None:
+            # Opened lazily: a vault that is unavailable fails the first query that needs it.
+            self._service = open_service(self.config)
+        register(conn, self._service, self.principal)
