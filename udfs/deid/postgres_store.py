@@ -1,0 +1,501 @@
+"""deid's vault in a PostgreSQL schema, reached two ways with the same SQL.
+
+- `SpiStore`: inside the database, from the plpython3u UDFs (SPI through ``plpy``). Every
+  statement runs in the caller's transaction, so a failed query (and the dbt model that ran
+  it) rolls its vault writes back with it: no token is ever left in the vault without the
+  row that carried it, and none reaches a mart without its vault record.
+- `Psycopg2Store`: outside the database (the ``deid`` CLI, tests), one psycopg2 connection
+  per thread, one transaction per method. ``DEID_VAULT=postgresql://…`` selects it.
+
+Convergence under concurrency: new tokens go in with ``INSERT … ON CONFLICT DO NOTHING``
+(unique on the token and on (domain, fingerprint)) and the winners are read back, so two
+sessions that meet one new value return one token. A session whose insert meets another
+session's uncommitted row waits for that transaction to end, then reads the winner (or
+inserts its own if the other rolled back). Rows are inserted in fingerprint order, which keeps
+multi-row inserts from deadlocking each other.
+
+Keys: ``DEID_KEYS`` in the server's (or CLI's) environment when set; otherwise the single
+row of ``<schema>.keyring``, created on first use while the vault holds no record and readable
+only by the vault role (see docs/postgres.md for why). The vault stores the check value of the
+fingerprint key and refuses any other key set.
+
+URL: ``postgresql://[user[:password]@][host][:port][/dbname][?schema=deid_vault&role=r]``;
+libpq's PG* variables fill in what the URL leaves out. ``schema`` names the vault schema,
+``role`` is SET after connecting (a login that is a member of the vault role).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import threading
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from . import keys as _keys
+from .errors import ConfigError, VaultKeyError, VaultUnavailableError
+from .store import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
+
+DEFAULT_SCHEMA = "deid_vault"
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_AUDIT_PAGE = 5000
+
+# One statement per operation: (SQL with $n placeholders and {s} for the schema, $n types).
+# The types are what plpy.prepare needs; psycopg2 gets the same SQL with %(pn)s placeholders.
+_SQL: dict[str, tuple[str, tuple[str, ...]]] = {
+    "keyring_get": ("select keys from {s}.keyring where id = 1", ()),
+    "keyring_put": ("insert into {s}.keyring (id, keys) values (1, $1) on conflict do nothing",
+                    ("text",)),
+    "keyring_replace": ("update {s}.keyring set keys = $1 where id = 1", ("text",)),
+    "has_records": ("select exists (select 1 from {s}.tokens) or exists (select 1 from "
+                    "{s}.meta where key = 'key_check')", ()),
+    "check_put": ("insert into {s}.meta (key, value) values ('key_check', $1) "
+                  "on conflict do nothing", ("text",)),
+    "check_get": ("select value from {s}.meta where key = 'key_check'", ()),
+    "find": ("select fingerprint, token from {s}.tokens where domain = $1 "
+             "and fingerprint = any($2)", ("text", "bytea[]")),
+    "insert": ("insert into {s}.tokens (token, domain, fingerprint, kind, key_version, "
+               "ciphertext) select * from unnest($1::text[], $2::text[], $3::bytea[], "
+               "$4::text[], $5::int[], $6::bytea[]) on conflict do nothing",
+               ("text[]", "text[]", "bytea[]", "text[]", "int[]", "bytea[]")),
+    "fetch": ("select token, key_version, ciphertext from {s}.tokens where token = any($1)",
+              ("text[]",)),
+    "page": ("select token, key_version, ciphertext from {s}.tokens where token > $1 "
+             "order by token limit $2", ("text", "int")),
+    "rewrap": ("update {s}.tokens t set key_version = u.v, ciphertext = u.c from "
+               "unnest($1::text[], $2::int[], $3::bytea[]) as u (tk, v, c) where t.token = u.tk",
+               ("text[]", "int[]", "bytea[]")),
+    "grant": ("insert into {s}.principals (principal, granted_at, granted_by) "
+              "values ($1, $2, $3) on conflict do nothing", ("text", "text", "text")),
+    "revoke": ("delete from {s}.principals where principal = $1", ("text",)),
+    "principals": ("select principal, granted_at, granted_by from {s}.principals "
+                   "order by principal", ()),
+    "is_allowed": ("select exists (select 1 from {s}.principals where principal = $1)",
+                   ("text",)),
+    # Serializes appends to the hash chain; held until the transaction ends.
+    "audit_lock": ("select pg_advisory_xact_lock(hashtext($1)) is null", ("text",)),
+    "audit_head": ("select seq, hash from {s}.audit order by seq desc limit 1", ()),
+    "audit_put": ("insert into {s}.audit (seq, record, prev, hash) values ($1, $2, $3, $4)",
+                  ("bigint", "text", "text", "text")),
+    "audit_page": ("select seq, record, prev, hash from {s}.audit where seq > $1 "
+                   "order by seq limit $2", ("bigint", "int")),
+    "audit_count": ("select count(*) from {s}.audit", ()),
+    "stats_tokens": ("select domain, kind, count(*) from {s}.tokens group by 1, 2 "
+                     "order by 1, 2", ()),
+    "stats_versions": ("select key_version, count(*) from {s}.tokens group by 1 order by 1",
+                       ()),
+}
+
+
+def vault_ddl(schema: str = DEFAULT_SCHEMA) -> str:
+    """The vault's tables. macros/postgres/postgres__create_vault.sql holds the same DDL
+    (dbt cannot import Python); the end-to-end test checks that the two agree."""
+    s = check_schema(schema)
+    return f"""
+create schema if not exists {s};
+create table if not exists {s}.meta (key text primary key, value text not null);
+create table if not exists {s}.keyring (
+    id integer primary key check (id = 1),
+    keys text not null
+);
+create table if not exists {s}.tokens (
+    token text primary key,
+    domain text not null,
+    fingerprint bytea not null,
+    kind text not null,
+    key_version integer not null,
+    ciphertext bytea not null,
+    unique (domain, fingerprint)
+);
+create table if not exists {s}.principals (
+    principal text primary key,
+    granted_at text not null,
+    granted_by text not null
+);
+create table if not exists {s}.audit (
+    seq bigint primary key,
+    record text not null,
+    prev text not null,
+    hash text not null
+);
+"""
+
+
+def check_schema(schema: str) -> str:
+    if not _IDENT.fullmatch(schema):
+        raise ConfigError("deid vault: the PostgreSQL vault schema must be a lowercase SQL "
+                          "identifier (letters, digits, underscore)")
+    return schema
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+Run = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+
+
+class _PgStore(VaultStore):
+    """The vault logic, written once over `_run` (one statement) and `_atomic` (a block)."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = check_schema(schema)
+        self._keyring: _keys.Keyring | None = None
+        self._keyring_lock = threading.Lock()
+
+    def _sql(self, name: str) -> str:
+        return _SQL[name][0].format(s=self.schema)
+
+    @abstractmethod
+    def _atomic(self) -> Any:
+        """Context manager yielding a `Run`; its statements commit or roll back together."""
+
+    @abstractmethod
+    def _count(self, run: Run, name: str, args: Sequence[Any]) -> int:
+        """Run a write statement, return the number of rows it changed."""
+
+    def _rows(self, name: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._atomic() as run:
+            return run(name, args)
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def keyring(self) -> _keys.Keyring:
+        with self._keyring_lock:
+            if self._keyring is None:
+                self._keyring = self._load_keyring()
+            return self._keyring
+
+    def reload_keyring(self) -> _keys.Keyring:
+        with self._keyring_lock:
+            self._keyring = self._load_keyring()
+            return self._keyring
+
+    def _load_keyring(self) -> _keys.Keyring:
+        source = f"the {self.schema}.keyring table"
+        env = os.environ.get("DEID_KEYS")
+        with self._atomic() as run:
+            if env:
+                ring = _keys.Keyring.from_json(env, "DEID_KEYS")
+            else:
+                row = run("keyring_get", ())
+                if not row:
+                    if run("has_records", ())[0][0]:
+                        raise VaultKeyError(
+                            f"deid keys: {source} is empty but the vault already holds "
+                            "records; restore the keyring row or set DEID_KEYS (refusing to "
+                            "create new keys, which would mint different tokens)")
+                    # Two first sessions converge: one row wins, both read it back.
+                    run("keyring_put", (_keys.Keyring.generate(source).to_json(),))
+                    row = run("keyring_get", ())
+                ring = _keys.Keyring.from_json(row[0][0], source)
+            check = ring.check_value()
+            run("check_put", (check,))
+            stored = run("check_get", ())[0][0]
+        if stored != check:
+            raise VaultKeyError(
+                f"deid keys: {ring.source} does not belong to the vault in schema "
+                f"{self.schema} (its fingerprint key differs); use the vault's own keys")
+        return ring
+
+    def write_keyring(self, ring: _keys.Keyring) -> None:
+        """Store a rotated key set (same fingerprint key) in the keyring table."""
+        if ring.check_value() != self.keyring().check_value():
+            raise VaultKeyError("deid keys: refusing to store a key set with a different "
+                                "fingerprint key (every token would change)")
+        with self._atomic() as run:
+            if self._count(run, "keyring_replace", (ring.to_json(),)) != 1:
+                raise VaultKeyError(f"deid keys: the vault in schema {self.schema} keeps its "
+                                    "keys in DEID_KEYS, not in its keyring table")
+        self.reload_keyring()
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def find_tokens(self, domain: str, fingerprints: Sequence[bytes]) -> dict[bytes, str]:
+        if not fingerprints:
+            return {}
+        return {bytes(fp): tok for fp, tok in self._rows("find", (domain, list(fingerprints)))}
+
+    def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
+        if not records:
+            return {}
+        ordered = sorted(records, key=lambda r: r.fingerprint)
+        domain = ordered[0].domain
+        args = ([r.token for r in ordered], [r.domain for r in ordered],
+                [r.fingerprint for r in ordered], [r.kind for r in ordered],
+                [r.key_version for r in ordered], [r.ciphertext for r in ordered])
+        with self._atomic() as run:
+            inserted = self._count(run, "insert", args)
+            if inserted == len(ordered):
+                return {r.fingerprint: r.token for r in ordered}
+            # Another session minted some of these (or a token collided): read the winners.
+            return {bytes(fp): tok for fp, tok in
+                    run("find", (domain, [r.fingerprint for r in ordered]))}
+
+    def fetch_values(self, tokens: Sequence[str]) -> dict[str, StoredValue]:
+        if not tokens:
+            return {}
+        return {t: StoredValue(v, bytes(b)) for t, v, b in self._rows("fetch", (list(tokens),))}
+
+    def iter_values(self, batch_size: int = 10_000) -> Iterator[list[tuple[str, StoredValue]]]:
+        last = ""
+        while True:
+            rows = self._rows("page", (last, batch_size))
+            if not rows:
+                return
+            yield [(t, StoredValue(v, bytes(b))) for t, v, b in rows]
+            last = rows[-1][0]
+
+    def update_values(self, rows: Sequence[tuple[str, StoredValue]]) -> None:
+        if not rows:
+            return
+        with self._atomic() as run:
+            run("rewrap", ([t for t, _ in rows], [v.key_version for _, v in rows],
+                           [v.ciphertext for _, v in rows]))
+
+    # -- policy ---------------------------------------------------------------------------
+
+    def grant(self, principal: str, granted_by: str) -> bool:
+        with self._atomic() as run:
+            return self._count(run, "grant", (principal, _now(), granted_by)) == 1
+
+    def revoke(self, principal: str) -> bool:
+        with self._atomic() as run:
+            return self._count(run, "revoke", (principal,)) == 1
+
+    def principals(self) -> list[dict[str, str]]:
+        return [{"principal": p, "granted_at": at, "granted_by": by}
+                for p, at, by in self._rows("principals")]
+
+    def is_allowed(self, principal: str) -> bool:
+        return bool(self._rows("is_allowed", (principal,))[0][0])
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
+        with self._atomic() as run:
+            run("audit_lock", (f"deid audit {self.schema}",))
+            head = run("audit_head", ())
+            seq, prev = (int(head[0][0]) + 1, head[0][1]) if head else (1, GENESIS)
+            record = {**record, "seq": seq}
+            digest = seal(prev, record)
+            run("audit_put", (seq, json.dumps(record, sort_keys=True), prev, digest))
+        return {**record, "prev": prev, "hash": digest}
+
+    def audit_records(self) -> Iterator[dict[str, Any]]:
+        last = 0
+        while True:
+            rows = self._rows("audit_page", (last, _AUDIT_PAGE))
+            if not rows:
+                return
+            for seq, record, prev, digest in rows:
+                yield {**json.loads(record), "seq": int(seq), "prev": prev, "hash": digest}
+            last = int(rows[-1][0])
+
+    # -- stats ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "vault": self.url,
+            "tokens": {f"{d} ({k})": int(n) for d, k, n in self._rows("stats_tokens")},
+            "key_versions": {str(v): int(n) for v, n in self._rows("stats_versions")},
+            "principals": len(self.principals()),
+            "audit_records": int(self._rows("audit_count")[0][0]),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# inside the database: SPI through plpy
+
+
+class SpiStore(_PgStore):
+    """The vault as seen from a plpython3u function (runs as the function's owner).
+
+    ``_atomic`` is a subtransaction: a block's statements go or stay together, and all of
+    them belong to the caller's transaction. A SPI error keeps its SQLSTATE (so a deadlock
+    or a lock timeout is reported as one) but not its detail, which may quote key values.
+    """
+
+    def __init__(self, plpy: Any, schema: str = DEFAULT_SCHEMA) -> None:
+        super().__init__(schema)
+        self.url = f"postgresql (in-database, schema {self.schema})"
+        self._plpy = plpy
+        self._plans: dict[str, Any] = {}
+
+    def forget_keyring(self) -> None:
+        """Drop the cached keys; the next use reads them again (in the current transaction)."""
+        with self._keyring_lock:
+            self._keyring = None
+
+    def _plan(self, name: str) -> Any:
+        plan = self._plans.get(name)
+        if plan is None:
+            sql, types = _SQL[name]
+            n = 0
+            # Placeholders are numbered in order of first use; plpy wants one type per number.
+            for m in re.finditer(r"\$(\d+)", sql):
+                n = max(n, int(m.group(1)))
+            plan = self._plpy.prepare(sql.format(s=self.schema), list(types[:n]))
+            self._plans[name] = plan
+        return plan
+
+    def _execute(self, name: str, args: Sequence[Any]) -> Any:
+        try:
+            return self._plpy.execute(self._plan(name), list(args))
+        except self._plpy.SPIError as exc:
+            err = VaultUnavailableError(
+                f"deid vault: statement {name!r} on schema {self.schema} failed: "
+                f"{_primary(exc)} (SQLSTATE {getattr(exc, 'sqlstate', None) or 'unknown'})")
+            err.sqlstate = getattr(exc, "sqlstate", None)  # type: ignore[attr-defined]
+            raise err from None
+
+    def _run(self, name: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        result = self._execute(name, args)
+        if not _returns_rows(name):
+            return []
+        cols = result.colnames()
+        return [tuple(row[c] for c in cols) for row in result]
+
+    def _count(self, run: Run, name: str, args: Sequence[Any]) -> int:
+        return int(self._execute(name, args).nrows())
+
+    @contextmanager
+    def _atomic(self) -> Iterator[Run]:
+        with self._plpy.subtransaction():
+            yield self._run
+
+
+def _returns_rows(name: str) -> bool:
+    return _SQL[name][0].lstrip().startswith("select")
+
+
+def _primary(exc: BaseException) -> str:
+    """The primary message of a PostgreSQL error: no DETAIL, which may quote key values."""
+    text = str(exc.args[0]) if exc.args else exc.__class__.__name__
+    return text.splitlines()[0][:200]
+
+
+# ---------------------------------------------------------------------------------------
+# outside the database: psycopg2
+
+
+_OUR_PARAMS = ("schema", "role")
+
+
+def _to_pyformat(sql: str) -> str:
+    return re.sub(r"\$(\d+)", r"%(p\1)s", sql)
+
+
+class Psycopg2Store(_PgStore):
+    """The vault over psycopg2: one connection per thread, one transaction per method."""
+
+    def __init__(self, dsn: str, *, schema: str = DEFAULT_SCHEMA, role: str | None = None,
+                 url: str | None = None) -> None:
+        super().__init__(schema)
+        try:
+            import psycopg2  # noqa: F401 - fail early with an actionable message
+        except ImportError:
+            raise ConfigError("deid vault: postgresql:// needs psycopg2; install deid with "
+                              "the postgres extra") from None
+        self._dsn = dsn
+        self._role = check_schema(role) if role else None
+        self.url = url or _redact(dsn)
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._all_lock = threading.Lock()
+
+    def _conn(self) -> Any:
+        import psycopg2
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            try:
+                conn = psycopg2.connect(self._dsn, application_name="deid vault")
+                if self._role:
+                    with conn.cursor() as cur:
+                        cur.execute(f'set role "{self._role}"')
+                    conn.commit()
+            except psycopg2.Error as exc:
+                raise VaultUnavailableError(
+                    f"deid vault: cannot connect to {self.url}: {_primary(exc)}") from None
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def _atomic(self) -> Iterator[Run]:
+        import psycopg2
+
+        conn = self._conn()
+        cur = conn.cursor()
+
+        def run(name: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+            cur.execute(_to_pyformat(self._sql(name)),
+                        {f"p{i}": a for i, a in enumerate(args, start=1)})
+            self._local.rowcount = cur.rowcount
+            return cur.fetchall() if cur.description is not None else []
+
+        try:
+            try:
+                yield run
+            except psycopg2.Error as exc:
+                raise VaultUnavailableError(
+                    f"deid vault: {self.url}, schema {self.schema}: {_primary(exc)} "
+                    f"(SQLSTATE {exc.pgcode or 'unknown'})") from None
+            conn.commit()
+        except BaseException:
+            try:
+                conn.rollback()
+            except psycopg2.Error:
+                conn.close()
+            raise
+        finally:
+            cur.close()
+
+    def _count(self, run: Run, name: str, args: Sequence[Any]) -> int:
+        run(name, args)
+        return int(self._local.rowcount)
+
+    def create_schema(self) -> None:
+        """Create the vault's tables (idempotent). dbt's create_udfs does the same."""
+        conn = self._conn()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(vault_ddl(self.schema))
+            conn.commit()
+        except Exception:
+            conn.rollback()
+            raise
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                if not conn.closed:
+                    conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def open_store(url: str) -> Psycopg2Store:
+    """``postgresql://…?schema=deid_vault&role=deid_vault`` → a psycopg2-backed store."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in query if k in _OUR_PARAMS}
+    rest = [(k, v) for k, v in query if k not in _OUR_PARAMS]
+    dsn = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(rest)))
+    return Psycopg2Store(dsn, schema=ours.get("schema") or DEFAULT_SCHEMA,
+                         role=ours.get("role") or None, url=_redact(url))
