@@ -196,7 +196,8 @@ class VaultTokenService:
         outcome = "allowed" if allowed else "denied"
         if allowed and bad_row is not None:
             outcome = "rejected"
-        self._audit(principal, outcome, len(present), kinds, query_id, host)
+        self.audit("detokenize", principal, outcome, count=len(present), kinds=kinds,
+                   query_id=query_id, host=host)
         if not allowed:
             raise PermissionDeniedError(
                 f"deid.detokenize: permission denied: principal {principal!r} is not in the "
@@ -234,15 +235,17 @@ class VaultTokenService:
             self.keyring = reload()
             return self.keyring.decrypt(token, value.key_version, value.ciphertext)
 
-    def _audit(self, principal: str, outcome: str, count: int, kinds: Counter[str],
-               query_id: str | None, host: str | None) -> None:
+    def audit(self, action: str, principal: str, outcome: str, *, count: int = 0,
+              kinds: Counter[str] | None = None, query_id: str | None = None,
+              host: str | None = None) -> None:
+        """Append one record to the hash-chained audit log. Never pass values or tokens."""
         record = {
             "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
-            "action": "detokenize",
+            "action": action,
             "principal": principal,
             "outcome": outcome,
             "count": count,
-            "kinds": dict(sorted(kinds.items())),
+            "kinds": dict(sorted((kinds or {}).items())),
             "query_id": query_id,
             "host": host,
         }

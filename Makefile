@@ -1,0 +1,47 @@
+# deid — the README's two commands are `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
+
+export DBT_PROFILES_DIR ?= $(CURDIR)
+export DBT_SEND_ANONYMOUS_USAGE_STATS := false
+
+.PHONY: demo test lint bench bench-lambda demo-postgres clean
+
+# The embedded pipeline only (dbt-duckdb, DuckDB, Faker).
+$(VENV)/.demo: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e '.[duckdb,synth]'
+	touch $@
+
+# Everything the test suite and benchmarks need.
+$(VENV)/.dev: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e '.[dev]'
+	touch $@ $(VENV)/.demo
+
+profiles.yml:
+	cp profiles.yml.example $@
+
+demo: $(VENV)/.demo profiles.yml
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check udfs tests scripts bench
+	$(BIN)/pytest
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check udfs tests scripts bench
+	$(BIN)/sqlfluff lint models analyses
+
+bench: $(VENV)/.dev
+	$(BIN)/python bench/bench.py
+
+demo-postgres: $(VENV)/.dev
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_postgres.sh
+
+clean:
+	rm -rf target logs dbt_packages warehouse.duckdb .deid

@@ -1,0 +1,210 @@
+"""``deid``: administer a deid vault (keys, detokenize policy, audit log, stats).
+
+The vault is chosen by ``--vault`` or ``DEID_VAULT`` (default ``sqlite:///.deid/vault.db``).
+Nothing here prints a value, a token or key material.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import keys as _keys
+from .errors import DeidError
+from .service import VaultTokenService
+from .store import StoredValue
+from .vault import VaultConfig, open_store
+
+_vault_option = click.option(
+    "--vault", envvar="DEID_VAULT", default=None, show_envvar=True,
+    help="Vault URL (default sqlite:///.deid/vault.db).")
+
+
+def _service(vault: str | None) -> VaultTokenService:
+    config = VaultConfig.from_env({"vault": vault} if vault else None)
+    return VaultTokenService(open_store(config.url), cache_size=0, detokenize_cache_size=0)
+
+
+def _admin() -> str:
+    return getpass.getuser()
+
+
+@click.group()
+@click.version_option(package_name="deid")
+def main() -> None:
+    """Administer a deid vault: keys, who may detokenize, the audit log."""
+
+
+@main.command()
+@_vault_option
+def init(vault: str | None) -> None:
+    """Create the vault and its keys (idempotent)."""
+    svc = _service(vault)
+    click.echo(f"vault: {svc.store.url}")
+    click.echo(f"keys:  {svc.keyring.source} (versions {sorted(svc.keyring.keys)}, "
+               f"current {svc.keyring.current})")
+
+
+@main.command()
+@click.argument("principal")
+@_vault_option
+def grant(principal: str, vault: str | None) -> None:
+    """Allow PRINCIPAL to detokenize (the warehouse must grant EXECUTE too)."""
+    svc = _service(vault)
+    added = svc.store.grant(principal, _admin())
+    svc.audit("grant", principal, "added" if added else "unchanged", host="cli")
+    click.echo(f"{principal}: {'granted' if added else 'already granted'} detokenize")
+
+
+@main.command()
+@click.argument("principal")
+@_vault_option
+def revoke(principal: str, vault: str | None) -> None:
+    """Remove PRINCIPAL from the detokenize policy."""
+    svc = _service(vault)
+    removed = svc.store.revoke(principal)
+    svc.audit("revoke", principal, "removed" if removed else "unchanged", host="cli")
+    click.echo(f"{principal}: {'revoked' if removed else 'was not granted'}")
+
+
+@main.command()
+@_vault_option
+def principals(vault: str | None) -> None:
+    """List the principals allowed to detokenize."""
+    for p in _service(vault).store.principals():
+        click.echo(f"{p['principal']}\tgranted {p['granted_at']} by {p['granted_by']}")
+
+
+@main.group()
+def keys() -> None:
+    """Key versions: rotate, rewrap, show."""
+
+
+@keys.command("show")
+@_vault_option
+def keys_show(vault: str | None) -> None:
+    """Key versions in use (never key material)."""
+    svc = _service(vault)
+    click.echo(f"source:   {svc.keyring.source}")
+    click.echo(f"versions: {sorted(svc.keyring.keys)} (current {svc.keyring.current})")
+    click.echo(f"records by version: {json.dumps(svc.store.stats()['key_versions'])}")
+
+
+@keys.command("rotate")
+@_vault_option
+def keys_rotate(vault: str | None) -> None:
+    """Add a new encryption key version; tokens do not change, old values stay readable."""
+    svc = _service(vault)
+    path = _keys.require_file_source(svc.keyring)
+    rotated = svc.keyring.rotated()
+    _keys.write_key_file(path, rotated, exclusive=False)
+    svc.audit("keys.rotate", _admin(), f"current={rotated.current}", host="cli")
+    click.echo(f"rotated: new values are encrypted with key version {rotated.current}; "
+               f"versions {sorted(rotated.keys)} kept in {path}")
+
+
+@keys.command("rewrap")
+@_vault_option
+@click.option("--batch-size", default=10_000, show_default=True)
+def keys_rewrap(vault: str | None, batch_size: int) -> None:
+    """Re-encrypt every value under the current key version (then old versions can retire)."""
+    svc = _service(vault)
+    ring = svc.keyring
+    moved = 0
+    for batch in svc.store.iter_values(batch_size):
+        updates = []
+        for token, value in batch:
+            if value.key_version == ring.current:
+                continue
+            clear = ring.decrypt(token, value.key_version, value.ciphertext)
+            updates.append((token, StoredValue(*ring.encrypt(token, clear))))
+        if updates:
+            svc.store.update_values(updates)
+            moved += len(updates)
+    svc.audit("keys.rewrap", _admin(), f"rewrapped={moved}", count=moved, host="cli")
+    click.echo(f"rewrapped {moved} values under key version {ring.current}")
+
+
+@main.group()
+def audit() -> None:
+    """The hash-chained detokenize audit log."""
+
+
+@audit.command("show")
+@_vault_option
+@click.option("--limit", default=20, show_default=True, help="Show the last N records.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per line.")
+def audit_show(vault: str | None, limit: int, as_json: bool) -> None:
+    """Show the last audit records (principal, time, count, kinds; never values)."""
+    records = list(_service(vault).store.audit_records())[-limit:]
+    for r in records:
+        if as_json:
+            click.echo(json.dumps(r, sort_keys=True))
+        else:
+            kinds = ",".join(f"{k}={n}" for k, n in r.get("kinds", {}).items()) or "-"
+            click.echo(f"#{r['seq']:<6} {r['at']}  {r['action']:<11} {r['principal']:<18} "
+                       f"{r['outcome']:<9} count={r.get('count', 0):<7} kinds={kinds}"
+                       + (f" query={r['query_id']}" if r.get("query_id") else ""))
+
+
+@audit.command("verify")
+@_vault_option
+def audit_verify(vault: str | None) -> None:
+    """Check the hash chain; exit 1 at the first altered, reordered or missing record."""
+    result = _service(vault).verify_audit()
+    click.echo(f"audit log intact: {result['records']} records, head {result['head']}")
+    click.echo("(record the head elsewhere to detect truncation of the newest records)")
+
+
+@main.command()
+@_vault_option
+@click.option("--json", "as_json", is_flag=True)
+def stats(vault: str | None, as_json: bool) -> None:
+    """Token counts per domain and kind, values per key version, policy and audit sizes."""
+    data: dict[str, Any] = _service(vault).store.stats()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    click.echo(f"vault: {data['vault']}")
+    for name, n in data["tokens"].items():
+        click.echo(f"  {name:<28} {n:>10} tokens")
+    click.echo(f"key versions: {json.dumps(data['key_versions'])}")
+    click.echo(f"principals: {data['principals']}   audit records: {data['audit_records']}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--customers", type=int, default=2000, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--distinct-ratio", type=float, default=1.0, show_default=True)
+def synth(out: Path, customers: int, seed: int, distinct_ratio: float) -> None:
+    """Write synthetic raw landing tables (CSV) at any scale."""
+    from .synth import write_tables
+
+    counts = write_tables(out, customers, seed=seed, distinct_ratio=distinct_ratio)
+    for table, n in counts.items():
+        click.echo(f"{table}: {n} rows")
+
+
+def run() -> None:
+    """The `deid` console script: a DeidError becomes one line on stderr and exit 1."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except DeidError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()
+
