@@ -1,0 +1,294 @@
+"""The PostgreSQL vault: psycopg2 store out of the database, SPI store inside plpython3u,
+both on one throwaway cluster, sharing one vault schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import pg_cluster  # noqa: E402
+
+psycopg2 = pytest.importorskip("psycopg2")
+
+from deid import keys as _keys  # noqa: E402
+from deid import postgres_store  # noqa: E402
+from deid.errors import ConfigError, PermissionDeniedError, VaultKeyError  # noqa: E402
+from deid.service import VaultTokenService  # noqa: E402
+from deid.vault import open_store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = "vault_t"
+
+
+def _python_path() -> list[str]:
+    import cryptography
+
+    return [str(ROOT / "udfs"), str(Path(cryptography.__file__).parents[1])]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = pg_cluster.missing_reason()
+    if reason:
+        print(f"skipping PostgreSQL store tests: {reason}")
+        pytest.skip(reason)
+    c = pg_cluster.start()
+    try:
+        paths = json.dumps(_python_path())
+        pg_cluster.admin_sql(c, "create extension plpython3u;" + postgres_store.vault_ddl(SCHEMA))
+        for name, params, args in (("t_tokenize", "value text, kind text", "value, kind"),
+                                   ("t_detokenize", "token text", "token")):
+            fn = name[2:]
+            pg_cluster.admin_sql(c, f"""
+create function {name}({params}) returns text language plpython3u volatile as $f$
+import sys
+for p in reversed({paths}):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+from deid import plpython_host
+return plpython_host.{fn}(plpy, {args}, vault_schema="{SCHEMA}")
+$f$""")
+        yield c
+    finally:
+        pg_cluster.destroy(c)
+
+
+@pytest.fixture
+def store(cluster):
+    s = open_store(cluster.url() + f"?schema={SCHEMA}")
+    yield s
+    s.close()
+
+
+def _sql(cluster, sql, args=None, *, conn=None):
+    own = conn is None
+    conn = conn or psycopg2.connect(cluster.dsn())
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            rows = cur.fetchall() if cur.description else []
+        if own:
+            conn.commit()
+        return rows
+    finally:
+        if own:
+            conn.close()
+
+
+def test_url_options_are_ours_and_the_password_is_redacted(cluster):
+    s = open_store(cluster.url() + "?schema=vault_t&connect_timeout=3")
+    assert s.schema == "vault_t"
+    assert pg_cluster.ADMIN_PASSWORD not in s.url and "***" in s.url
+    assert s.is_allowed("nobody") is False  # connected: connect_timeout reached libpq
+    s.close()
+    with pytest.raises(ConfigError):
+        open_store(cluster.url() + "?schema=Bad-Name")
+
+
+def test_tokens_converge_across_stores_and_decrypt(cluster, store):
+    a = VaultTokenService(store)
+    other = open_store(cluster.url() + f"?schema={SCHEMA}")
+    b = VaultTokenService(other, cache_size=0)
+    t1 = a.tokenize("email", ["Ann@Example.com", None, "bob@example.com"])
+    t2 = b.tokenize("email", ["ann@example.com", "bob@example.com"])
+    assert t1[1] is None
+    assert t1[0] == t2[0] and t1[2] == t2[1] and t1[0] != t1[2]
+    store.grant("tester", "pytest")
+    assert a.detokenize(t1, principal="tester") == ["ann@example.com", None, "bob@example.com"]
+    other.close()
+
+
+def test_insert_returns_the_winner_and_reports_a_colliding_token(store):
+    ring = store.keyring()
+    fp1, fp2 = ring.fingerprint("string", "one"), ring.fingerprint("string", "two")
+    v, blob = ring.encrypt("str_aaaaaaaaaaaaaaaaaaaaaaa1", "one")
+    rec = postgres_store.NewRecord("string", fp1, "str_aaaaaaaaaaaaaaaaaaaaaaa1", "string", v, blob)
+    assert store.insert_tokens([rec]) == {fp1: rec.token}
+    again = postgres_store.NewRecord("string", fp1, "str_bbbbbbbbbbbbbbbbbbbbbbb2", "string",
+                                     v, blob)
+    assert store.insert_tokens([again]) == {fp1: rec.token}  # first writer wins
+    clash = postgres_store.NewRecord("string", fp2, rec.token, "string", v, blob)
+    assert store.insert_tokens([clash]) == {}  # token taken by another value: retry
+
+
+def test_keys_live_in_the_keyring_table_and_a_foreign_key_set_is_refused(cluster, store,
+                                                                         monkeypatch):
+    ring = store.keyring()
+    stored = _sql(cluster, f"select keys from {SCHEMA}.keyring")
+    assert len(stored) == 1
+    assert _keys.Keyring.from_json(stored[0][0], "t").check_value() == ring.check_value()
+    monkeypatch.setenv("DEID_KEYS", _keys.Keyring.generate().to_json())
+    fresh = open_store(cluster.url() + f"?schema={SCHEMA}")
+    with pytest.raises(VaultKeyError, match="does not belong"):
+        fresh.keyring()
+    fresh.close()
+
+
+def test_rotation_keeps_tokens_and_rewrap_moves_values(store):
+    svc = VaultTokenService(store, cache_size=0, detokenize_cache_size=0)
+    token = svc.tokenize("name", ["Rotating Person"])[0]
+    store.write_keyring(store.keyring().rotated())
+    svc2 = VaultTokenService(store, cache_size=0, detokenize_cache_size=0)
+    assert svc2.tokenize("name", ["rotating person"])[0] == token
+    current = store.keyring().current
+    for batch in store.iter_values(batch_size=3):
+        store.update_values([(t, postgres_store.StoredValue(
+            *store.keyring().encrypt(t, store.keyring().decrypt(t, v.key_version, v.ciphertext))))
+            for t, v in batch])
+    assert set(store.stats()["key_versions"]) == {str(current)}
+    store.grant("tester", "pytest")
+    assert svc2.detokenize([token], principal="tester") == ["Rotating Person"]
+
+
+def test_policy_and_audit_chain(store):
+    svc = VaultTokenService(store)
+    token = svc.tokenize("ssn", ["123-45-6789"])[0]
+    assert store.grant("auditor", "pytest") is True
+    assert store.grant("auditor", "pytest") is False
+    assert "auditor" in [p["principal"] for p in store.principals()]
+    svc.detokenize([token], principal="auditor", query_id="q1")
+    assert store.revoke("auditor") is True and store.revoke("auditor") is False
+    with pytest.raises(PermissionDeniedError):
+        svc.detokenize([token], principal="auditor")
+    records = list(store.audit_records())
+    assert [r["outcome"] for r in records[-2:]] == ["allowed", "denied"]
+    assert all("123-45-6789" not in json.dumps(r) for r in records)
+    assert svc.verify_audit()["records"] == len(records)
+
+
+def test_concurrent_appends_keep_one_chain(cluster, store):
+    svc = VaultTokenService(store)
+    store.grant("writer", "pytest")
+    token = svc.tokenize("phone", ["+1 415 555 0100"])[0]
+    errors: list[BaseException] = []
+
+    def work():
+        s = open_store(cluster.url() + f"?schema={SCHEMA}")
+        try:
+            v = VaultTokenService(s, detokenize_cache_size=0)
+            for _ in range(10):
+                v.detokenize([token], principal="writer")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert svc.verify_audit()["records"] >= 40
+
+
+# -- inside the database (SPI) -------------------------------------------------------------
+
+
+def test_udf_null_in_null_out_and_same_token_as_outside(cluster, store):
+    rows = _sql(cluster, "select t_tokenize(null, 'email'), t_tokenize('carol@example.com', "
+                         "'email'), t_detokenize(null)")
+    assert rows[0][0] is None and rows[0][2] is None
+    outside = VaultTokenService(store).tokenize("email", ["CAROL@example.com"])[0]
+    assert rows[0][1] == outside
+
+
+def test_udf_failed_statement_rolls_back_its_vault_writes(cluster, store):
+    with pytest.raises(psycopg2.Error) as info:
+        _sql(cluster, "select t_tokenize(v, 'email') from (values ('dave@example.com'), "
+                      "('not-an-email-secret')) as t (v)")
+    text = str(info.value) + str(info.value.diag.message_detail or "")
+    assert "not-an-email-secret" not in text
+    assert "kind 'email'" in str(info.value)
+    assert info.value.pgcode == "22023"
+    svc = VaultTokenService(store, cache_size=0)
+    ring = store.keyring()
+    assert store.find_tokens("email", [ring.fingerprint("email", "dave@example.com")]) == {}
+    assert svc.tokenize("email", ["dave@example.com"])[0]
+
+
+def test_udf_cache_does_not_outlive_a_rolled_back_savepoint(cluster, store):
+    conn = psycopg2.connect(cluster.dsn())
+    try:
+        cur = conn.cursor()
+        cur.execute("savepoint s")
+        cur.execute("select t_tokenize('erin@example.com', 'email')")
+        first = cur.fetchone()[0]
+        cur.execute("rollback to savepoint s")
+        cur.execute("select t_tokenize('erin@example.com', 'email')")
+        second = cur.fetchone()[0]
+        conn.commit()
+    finally:
+        conn.close()
+    store.grant("tester", "pytest")
+    # Whatever token was handed out last has a vault record behind it.
+    assert VaultTokenService(store).detokenize([second], principal="tester") == [
+        "erin@example.com"]
+    assert first  # the rolled-back token simply never existed
+
+
+def test_udf_concurrent_sessions_converge_on_one_token(cluster):
+    a = psycopg2.connect(cluster.dsn())
+    results: dict[str, str] = {}
+    try:
+        with a.cursor() as cur:
+            cur.execute("select t_tokenize('frank@example.com', 'email')")
+            results["a"] = cur.fetchone()[0]
+
+        def other():
+            b = psycopg2.connect(cluster.dsn())
+            try:
+                with b.cursor() as cur2:
+                    cur2.execute("select t_tokenize('Frank@Example.com', 'email')")
+                    results["b"] = cur2.fetchone()[0]
+                b.commit()
+            finally:
+                b.close()
+
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive(), "the second session should wait for the first one's row"
+        a.commit()
+        t.join(10)
+    finally:
+        a.close()
+    assert results["a"] == results["b"]
+
+
+def test_udf_detokenize_checks_session_user_against_the_policy(cluster, store):
+    token = _sql(cluster, "select t_tokenize('grace@example.com', 'email')")[0][0]
+    store.revoke(pg_cluster.ADMIN)
+    with pytest.raises(psycopg2.Error) as info:
+        _sql(cluster, "select t_detokenize(%s)", (token,))
+    assert info.value.pgcode == "42501"
+    assert pg_cluster.ADMIN in str(info.value) and token not in str(info.value)
+    store.grant(pg_cluster.ADMIN, "pytest")
+    assert _sql(cluster, "select t_detokenize(%s)", (token,))[0][0] == "grace@example.com"
+    last = list(store.audit_records())[-1]
+    assert (last["principal"], last["outcome"], last["host"]) == (
+        pg_cluster.ADMIN, "allowed", "postgresql")
+    with pytest.raises(psycopg2.Error) as info:
+        _sql(cluster, "select t_detokenize('not-a-token-secret')")
+    assert "not-a-token-secret" not in str(info.value)
+
+
+def test_udf_throughput(cluster):
+    """Not a limit: prints rows/s so regressions are visible in the test log."""
+    n = 5000
+    _sql(cluster, "select count(t_tokenize('warm' || i, 'string')) "
+                  "from generate_series(1, 10) as i")
+    started = time.perf_counter()
+    _sql(cluster, f"select count(t_tokenize('user' || (i % 500) || '@example.com', 'email')) "
+                  f"from generate_series(1, {n}) as i")
+    elapsed = time.perf_counter() - started
+    print(f"\ndeid.tokenize in plpython3u: {n} rows, 500 distinct, {n / elapsed:,.0f} rows/s")
+    assert elapsed < 30
+    assert os.environ.get("DEID_KEYS") is None
