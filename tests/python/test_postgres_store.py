@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import pg_cluster  # noqa: E402
+import pg_cluster
 
 psycopg2 = pytest.importorskip("psycopg2")
 
@@ -234,6 +234,17 @@ def test_udf_cache_does_not_outlive_a_rolled_back_savepoint(cluster, store):
     assert first  # the rolled-back token simply never existed
 
 
+def _wait_for_lock_wait(cluster, timeout: float = 10.0) -> None:
+    """Until some session waits on a lock (the other session reached its conflict)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _sql(cluster, "select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
+                )[0][0]:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no session ever waited on a lock")
+
+
 def test_udf_concurrent_sessions_converge_on_one_token(cluster):
     a = psycopg2.connect(cluster.dsn())
     results: dict[str, str] = {}
@@ -254,7 +265,7 @@ def test_udf_concurrent_sessions_converge_on_one_token(cluster):
 
         t = threading.Thread(target=other)
         t.start()
-        time.sleep(0.5)
+        _wait_for_lock_wait(cluster)
         assert t.is_alive(), "the second session should wait for the first one's row"
         a.commit()
         t.join(10)
@@ -292,3 +303,39 @@ def test_udf_throughput(cluster):
     print(f"\ndeid.tokenize in plpython3u: {n} rows, 500 distinct, {n / elapsed:,.0f} rows/s")
     assert elapsed < 30
     assert os.environ.get("DEID_KEYS") is None
+
+
+def test_udf_sessions_minting_in_opposite_orders_do_not_deadlock(cluster):
+    """Without the mint lock: A holds x and waits for y, B holds y and waits for x."""
+    a = psycopg2.connect(cluster.dsn())
+    results: dict[str, object] = {}
+    try:
+        with a.cursor() as cur:
+            cur.execute("select t_tokenize('x-order@example.com', 'email')")
+            results["a_x"] = cur.fetchone()[0]
+
+        def other():
+            b = psycopg2.connect(cluster.dsn())
+            try:
+                with b.cursor() as cur2:
+                    cur2.execute("select t_tokenize('y-order@example.com', 'email'), "
+                                 "t_tokenize('x-order@example.com', 'email')")
+                    results["b"] = cur2.fetchone()
+                b.commit()
+            except psycopg2.Error as exc:
+                results["b_error"] = exc.pgcode
+            finally:
+                b.close()
+
+        t = threading.Thread(target=other)
+        t.start()
+        _wait_for_lock_wait(cluster)
+        with a.cursor() as cur:
+            cur.execute("select t_tokenize('y-order@example.com', 'email')")
+            results["a_y"] = cur.fetchone()[0]
+        a.commit()
+        t.join(10)
+    finally:
+        a.close()
+    assert "b_error" not in results, f"second session failed: SQLSTATE {results.get('b_error')}"
+    assert results["b"] == (results["a_y"], results["a_x"])

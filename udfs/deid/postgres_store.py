@@ -79,6 +79,8 @@ _SQL: dict[str, tuple[str, tuple[str, ...]]] = {
                    ("text",)),
     # Serializes appends to the hash chain; held until the transaction ends.
     "audit_lock": ("select pg_advisory_xact_lock(hashtext($1)) is null", ("text",)),
+    # Serializes sessions that mint tokens; held until the transaction ends (see SpiStore).
+    "mint_lock": ("select pg_advisory_xact_lock(hashtext($1)) is null", ("text",)),
     "audit_head": ("select seq, hash from {s}.audit order by seq desc limit 1", ()),
     "audit_put": ("insert into {s}.audit (seq, record, prev, hash) values ($1, $2, $3, $4)",
                   ("bigint", "text", "text", "text")),
@@ -142,6 +144,9 @@ Run = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 class _PgStore(VaultStore):
     """The vault logic, written once over `_run` (one statement) and `_atomic` (a block)."""
+
+    # Whether sessions minting tokens take one transaction-long lock first (see SpiStore).
+    _serialize_minting = False
 
     def __init__(self, schema: str) -> None:
         self.schema = check_schema(schema)
@@ -230,6 +235,8 @@ class _PgStore(VaultStore):
                 [r.fingerprint for r in ordered], [r.kind for r in ordered],
                 [r.key_version for r in ordered], [r.ciphertext for r in ordered])
         with self._atomic() as run:
+            if self._serialize_minting:
+                run("mint_lock", (f"deid mint {self.schema}",))
             inserted = self._count(run, "insert", args)
             if inserted == len(ordered):
                 return {r.fingerprint: r.token for r in ordered}
@@ -319,7 +326,16 @@ class SpiStore(_PgStore):
     ``_atomic`` is a subtransaction: a block's statements go or stay together, and all of
     them belong to the caller's transaction. A SPI error keeps its SQLSTATE (so a deadlock
     or a lock timeout is reported as one) but not its detail, which may quote key values.
+
+    Minting is serialized: a new token's row stays uncommitted until the caller's statement
+    (a whole dbt model) commits, and another session that meets that row waits for it. Two
+    models minting overlapping values in different orders would wait on each other and one
+    would die of a deadlock. So the first mint of a transaction takes one advisory lock held
+    to its end: sessions that mint run one after another, never in a cycle; sessions whose
+    values are all in the vault already take no lock and run in parallel.
     """
+
+    _serialize_minting = True
 
     def __init__(self, plpy: Any, schema: str = DEFAULT_SCHEMA) -> None:
         super().__init__(schema)
