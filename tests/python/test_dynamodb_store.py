@@ -1,0 +1,323 @@
+"""The DynamoDB + KMS vault backend against moto in server mode (real HTTP, real botocore)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+boto3 = pytest.importorskip("boto3")
+
+from deid import kinds  # noqa: E402
+from deid.dynamodb_store import DynamoDBStore, open_store  # noqa: E402
+from deid.errors import (  # noqa: E402
+    ConfigError,
+    DeidError,
+    PermissionDeniedError,
+    UnknownTokenError,
+    VaultKeyError,
+    VaultUnavailableError,
+)
+from deid.service import VaultTokenService  # noqa: E402
+
+REGION = "us-east-1"
+
+
+def _moto_server() -> list[str]:
+    exe = Path(sys.executable).with_name("moto_server")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("moto_server")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "moto.server"]
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*_moto_server(), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.kill()  # a throwaway in-memory server: nothing to flush
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def fake_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+
+
+@pytest.fixture
+def vault_url(endpoint: str) -> str:
+    """A fresh table and KMS key per test, created the way template.yaml does."""
+    table = f"deid-vault-{uuid.uuid4().hex[:8]}"
+    ddb = boto3.client("dynamodb", region_name=REGION, endpoint_url=endpoint)
+    ddb.create_table(TableName=table, BillingMode="PAY_PER_REQUEST",
+                     AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                     KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}])
+    kms = boto3.client("kms", region_name=REGION, endpoint_url=endpoint)
+    key = kms.create_key(Description="deid vault test")["KeyMetadata"]["Arn"]
+    return f"dynamodb://{table}?region={REGION}&kms_key={key}&endpoint_url={endpoint}"
+
+
+def service(url: str) -> VaultTokenService:
+    """A new container: fresh clients, fresh keyring, empty caches."""
+    return VaultTokenService(open_store(url), cache_size=0, detokenize_cache_size=0)
+
+
+def test_tokens_converge_across_containers_and_round_trip(vault_url: str) -> None:
+    a, b = service(vault_url), service(vault_url)
+    values = ["ana@example.com", "Ana@Example.com", "bo@example.org", None]
+    ta = a.tokenize("email", values)
+    tb = b.tokenize("email", values)
+    assert ta == tb
+    assert ta[0] == ta[1] and ta[0] != ta[2] and ta[3] is None
+    assert all(kinds.is_token(t, "email") for t in ta[:3])
+    a.store.grant("analyst_pii", "test")
+    c = service(vault_url)  # a detokenize container: unwraps the data key by version
+    assert c.detokenize(ta, principal="analyst_pii", query_id="42") == [
+        "ana@example.com", "ana@example.com", "bo@example.org", None]
+    assert c.verify_audit()["records"] == 1
+
+
+def test_domains_are_separate_token_spaces(vault_url: str) -> None:
+    s = service(vault_url)
+    assert s.tokenize("email", ["x@y.com"]) != s.tokenize("email:marketing", ["x@y.com"])
+
+
+def test_batches_larger_than_dynamodb_limits(vault_url: str) -> None:
+    """150 new values: 2 BatchGetItem chunks and 3 transactions of 50 records."""
+    s = service(vault_url)
+    values = [f"user{i}@example.com" for i in range(150)]
+    first = s.tokenize("email", values)
+    assert len(set(first)) == 150
+    assert service(vault_url).tokenize("email", values) == first
+    s.store.grant("reader", "test")
+    assert service(vault_url).detokenize(first, principal="reader") == values
+
+
+def test_concurrent_writers_converge_on_one_token(vault_url: str) -> None:
+    """Six containers mint the same 40 new values at once; each value ends with one token
+    and the vault holds exactly one index entry per value."""
+    values = [f"person{i}@example.com" for i in range(40)]
+    services = [service(vault_url) for _ in range(6)]
+    results: list[list[str | None]] = [[] for _ in services]
+    barrier = threading.Barrier(len(services))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = services[i].tokenize("email", values)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(services))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r == results[0] for r in results)
+    assert len(set(results[0])) == 40
+    stats = services[0].store.stats()
+    assert stats["tokens"] == {"email (email)": 40}
+
+
+class _RecordingKms:
+    """Wraps the KMS client to record (operation, purpose) of every call."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.real, name)
+
+        def call(**kwargs: Any) -> Any:
+            self.calls.append((name, kwargs["EncryptionContext"]["deid:purpose"]))
+            return fn(**kwargs)
+
+        return call
+
+
+def test_tokenize_never_decrypts_values_and_detokenize_never_sees_the_fingerprint_key(
+        vault_url: str) -> None:
+    """The IAM split in template.yaml relies on these exact KMS operations per function."""
+    tok = service(vault_url)
+    tok.store.kms = _RecordingKms(tok.store.kms)
+    tokens = tok.tokenize("ssn", ["123-45-6789", "987-65-4321"])
+    assert set(tok.store.kms.calls) == {("generate_data_key", "fingerprint"),
+                                        ("generate_data_key", "values")}
+    tok2 = service(vault_url)  # a second tokenize container finds the fingerprint key
+    tok2.store.kms = _RecordingKms(tok2.store.kms)
+    assert tok2.tokenize("ssn", ["123-45-6789"]) == tokens[:1]
+    assert set(tok2.store.kms.calls) == {("decrypt", "fingerprint")}
+
+    tok.store.grant("reader", "test")
+    det = service(vault_url)
+    det.store.kms = _RecordingKms(det.store.kms)
+    assert det.detokenize(tokens, principal="reader") == ["123-45-6789", "987-65-4321"]
+    assert set(det.store.kms.calls) == {("decrypt", "values"), ("generate_data_key", "audit")}
+
+
+def test_each_tokenize_container_gets_its_own_key_version(vault_url: str) -> None:
+    a, b = service(vault_url), service(vault_url)
+    a.tokenize("name", ["Ada Lovelace"])
+    b.tokenize("name", ["Grace Hopper"])
+    assert a.store.stats()["key_versions"] == {"1": 1, "2": 1}
+
+
+def test_policy_denies_and_audits(vault_url: str) -> None:
+    s = service(vault_url)
+    tokens = s.tokenize("phone", ["+1 415 555 0100"])
+    with pytest.raises(PermissionDeniedError) as err:
+        s.detokenize(tokens, principal="intruder", query_id="7")
+    assert "+1 415" not in str(err.value)
+    assert s.store.grant("reader", "admin") is True
+    assert s.store.grant("reader", "admin") is False
+    assert [p["principal"] for p in s.store.principals()] == ["reader"]
+    assert s.store.is_allowed("reader") and not s.store.is_allowed("intruder")
+    assert s.store.revoke("reader") is True and s.store.revoke("reader") is False
+    records = list(s.store.audit_records())
+    assert [(r["principal"], r["outcome"], r["query_id"]) for r in records] == [
+        ("intruder", "denied", "7")]
+    assert s.verify_audit() == {"records": 1, "head": records[0]["hash"]}
+
+
+def test_concurrent_audit_appends_stay_one_chain(vault_url: str) -> None:
+    s = service(vault_url)
+    tokens = s.tokenize("email", ["a@b.co"])
+    s.store.grant("reader", "test")
+    readers = [service(vault_url) for _ in range(5)]
+    threads = [threading.Thread(target=r.detokenize, args=(tokens,),
+                                kwargs={"principal": "reader"}) for r in readers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert s.verify_audit()["records"] == 5
+
+
+def test_tampered_audit_record_is_detected(vault_url: str) -> None:
+    s = service(vault_url)
+    s.store.grant("reader", "test")
+    tokens = s.tokenize("email", ["a@b.co"])
+    s.detokenize(tokens, principal="reader")
+    s.detokenize(tokens, principal="reader")
+    s.store.ddb.update_item(TableName=s.store.table, Key={"pk": {"S": "audit#000000000001"}},
+                            UpdateExpression="SET #r = :r",
+                            ExpressionAttributeNames={"#r": "record"},
+                            ExpressionAttributeValues={":r": {"S": '{"principal": "someone"}'}})
+    with pytest.raises(DeidError, match="record 1 was altered"):
+        s.verify_audit()
+
+
+def test_forged_token_fails_the_batch(vault_url: str) -> None:
+    s = service(vault_url)
+    real = s.tokenize("email", ["a@b.co"])[0]
+    forged = "a" * 24 + "@deid.invalid"
+    assert forged != real
+    s.store.grant("reader", "test")
+    with pytest.raises(UnknownTokenError) as err:
+        s.detokenize([real, forged], principal="reader")
+    assert "row 2" in str(err.value) and forged not in str(err.value)
+
+
+def test_swapped_ciphertext_fails_authentication(vault_url: str) -> None:
+    s = service(vault_url)
+    t1, t2 = s.tokenize("name", ["Ada", "Grace"])
+    item = s.store.ddb.get_item(TableName=s.store.table, Key={"pk": {"S": f"tok#{t2}"}})["Item"]
+    s.store.ddb.update_item(TableName=s.store.table, Key={"pk": {"S": f"tok#{t1}"}},
+                            UpdateExpression="SET ct = :c",
+                            ExpressionAttributeValues={":c": item["ct"]})
+    s.store.grant("reader", "test")
+    with pytest.raises(VaultKeyError):
+        service(vault_url).detokenize([t1], principal="reader")
+
+
+def test_lost_fingerprint_key_is_not_silently_recreated(vault_url: str) -> None:
+    s = service(vault_url)
+    s.tokenize("email", ["a@b.co"])
+    s.store.ddb.delete_item(TableName=s.store.table, Key={"pk": {"S": "meta#fingerprint_key"}})
+    with pytest.raises(VaultKeyError, match="missing"):
+        service(vault_url).tokenize("email", ["c@d.co"])
+
+
+class _ThrottlingDdb:
+    """Delegates to the real client; the first BatchGetItem answers with every key
+    unprocessed and the first transaction is throttled, as DynamoDB does under load."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.throttled = {"batch_get_item": 0, "transact_write_items": 0}
+
+    def batch_get_item(self, **kwargs: Any) -> Any:
+        if self.throttled["batch_get_item"] == 0:
+            self.throttled["batch_get_item"] += 1
+            return {"Responses": {}, "UnprocessedKeys": kwargs["RequestItems"]}
+        return self.real.batch_get_item(**kwargs)
+
+    def transact_write_items(self, **kwargs: Any) -> Any:
+        from botocore.exceptions import ClientError
+
+        if self.throttled["transact_write_items"] == 0:
+            self.throttled["transact_write_items"] += 1
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow"}},
+                              "TransactWriteItems")
+        return self.real.transact_write_items(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_throttled_reads_and_writes_are_retried(vault_url: str) -> None:
+    s = service(vault_url)
+    s.store.ddb = _ThrottlingDdb(s.store.ddb)
+    tokens = s.tokenize("email", ["a@b.co", "c@d.co"])
+    assert s.store.ddb.throttled == {"batch_get_item": 1, "transact_write_items": 1}
+    assert service(vault_url).tokenize("email", ["a@b.co", "c@d.co"]) == tokens
+
+
+def test_unreachable_vault_fails_closed_without_values(endpoint: str) -> None:
+    s = VaultTokenService(open_store(
+        f"dynamodb://no-such-table?region={REGION}&kms_key=alias/none&endpoint_url={endpoint}"),
+        cache_size=0)
+    with pytest.raises((VaultUnavailableError, VaultKeyError)) as err:
+        s.tokenize("email", ["secret@example.com"])
+    assert "secret" not in str(err.value)
+
+
+def test_url_is_validated() -> None:
+    with pytest.raises(ConfigError, match="kms_key"):
+        open_store("dynamodb://t?region=us-east-1")
+    with pytest.raises(ConfigError, match="unknown"):
+        open_store("dynamodb://t?region=us-east-1&kms_key=k&colour=red")
+    store = open_store("dynamodb://vault?region=eu-west-1&kms_key=alias/deid")
+    assert isinstance(store, DynamoDBStore)
+    assert (store.table, store.kms_key) == ("vault", "alias/deid")
+    assert os.environ["AWS_DEFAULT_REGION"] == REGION

@@ -1,0 +1,610 @@
+"""deid's vault in DynamoDB, with keys wrapped by AWS KMS: ``dynamodb://<table>?region=…&kms_key=…``.
+
+Optional URL parameters: ``endpoint_url`` (DynamoDB Local, moto), ``workers`` (parallel
+DynamoDB requests per batch, default 8).
+
+One table, partition key ``pk`` (string), no sort key:
+
+====================================  ==========================================================
+``fp#<domain>#<hex fingerprint>``     → ``token``: the convergent index
+``tok#<token>``                       → ``domain``, ``fp``, ``kind``, ``v`` (key version), ``ct``
+``key#<version>``                     → ``wrapped``: a data key encrypted by KMS
+``meta#fingerprint_key``              → ``wrapped``: the HMAC fingerprint key, KMS-encrypted
+``meta#audit_key``                    → ``wrapped``: the audit-chain key, KMS-encrypted
+``meta#key_counter``                  → ``n``: the last key version handed out
+``principal#<name>``                  → the detokenize policy
+``audit#head``, ``audit#<seq>``       → the hash-chained audit log
+====================================  ==========================================================
+
+Convergence: a new value's ``fp#`` and ``tok#`` items are written in one transaction, each
+conditional on not existing. Two Lambdas minting the same value race on the ``fp#`` item;
+the loser's transaction is cancelled and it reads the winner's token, so both return one
+token. A cancelled ``tok#`` condition means a random token collided: the caller retries
+with a fresh one.
+
+Keys and KMS (why the tokenize role cannot decrypt): every KMS call carries the encryption
+context ``{"deid:vault": <table>, "deid:purpose": fingerprint | audit | values}``, which the
+IAM policies in ``udfs/template.yaml`` condition on.
+
+- tokenize needs the fingerprint key (``kms:Decrypt`` with purpose ``fingerprint``) and
+  encrypts new values under a data key of its own: at its first new value a container takes
+  the next key version from ``meta#key_counter``, calls ``kms:GenerateDataKey`` (purpose
+  ``values``) and stores the wrapped key as ``key#<version>``. It never decrypts a data key,
+  so it cannot read values other containers stored.
+- detokenize unwraps data keys by version (``kms:Decrypt``, purpose ``values``) and the
+  audit key (purpose ``audit``); it never sees the fingerprint key.
+
+The trade-off: one key version per tokenize container (cold start), so versions grow with
+container churn; detokenize unwraps each version it meets once per container.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import keys as _keys
+from .errors import ConfigError, VaultKeyError, VaultUnavailableError
+from .store import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
+
+# DynamoDB limits: BatchGetItem 100 keys, TransactWriteItems 100 items (two per new token).
+_GET_CHUNK = 100
+_TX_RECORDS = 50
+_MAX_ATTEMPTS = 8
+# AES-GCM with random 96-bit nonces: stay far below 2**32 encryptions under one key.
+_MAX_ENCRYPTIONS_PER_KEY = 2**30
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(2.0, 0.025 * 2**attempt) * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+
+
+def _code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code") or type(exc).__name__)
+
+
+class DynamoDBStore(VaultStore):
+    """A `VaultStore` over one DynamoDB table and one KMS key. Thread-safe."""
+
+    def __init__(self, table: str, *, region: str | None, kms_key: str,
+                 endpoint_url: str | None = None, workers: int = 8,
+                 session: Any = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        if not table:
+            raise ConfigError("deid vault: a DynamoDB URL names the table: dynamodb://<table>?…")
+        if not kms_key:
+            raise ConfigError("deid vault: a DynamoDB vault needs kms_key=<key id, ARN or "
+                              "alias> in its URL")
+        self.table = table
+        self.kms_key = kms_key
+        self.url = f"dynamodb://{table}?region={region or ''}&kms_key={kms_key}"
+        self._workers = max(1, workers)
+        config = Config(retries={"max_attempts": _MAX_ATTEMPTS, "mode": "standard"},
+                        connect_timeout=3, read_timeout=15,
+                        max_pool_connections=max(10, self._workers * 2))
+        session = session or boto3.session.Session()
+        self.ddb = session.client("dynamodb", region_name=region, endpoint_url=endpoint_url,
+                                  config=config)
+        self.kms = session.client("kms", region_name=region, endpoint_url=endpoint_url,
+                                  config=config)
+        self._pool = ThreadPoolExecutor(max_workers=self._workers,
+                                        thread_name_prefix="deid-ddb")
+        self._keyring: KmsKeyring | None = None
+        self._keyring_lock = threading.Lock()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        """One client call; botocore retries throttling. Errors carry only the code."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            result: dict[str, Any] = getattr(self.ddb, op)(**kwargs)
+            return result
+        except ClientError as exc:
+            raise VaultUnavailableError(
+                f"deid vault: DynamoDB {op} on table {self.table!r} failed ({_code(exc)})"
+            ) from None
+        except BotoCoreError as exc:
+            raise VaultUnavailableError(
+                f"deid vault: DynamoDB {op} on table {self.table!r} failed "
+                f"({type(exc).__name__})") from None
+
+    def _kms(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            result: dict[str, Any] = getattr(self.kms, op)(**kwargs)
+            return result
+        except (ClientError, BotoCoreError) as exc:
+            raise VaultKeyError(
+                f"deid keys: KMS {op} failed ({_code(exc)}); check the function role's KMS "
+                f"permissions and that kms_key is the vault's key") from None
+
+    def _map(self, fn: Callable[[Any], Any], chunks: list[Any]) -> list[Any]:
+        if len(chunks) <= 1:
+            return [fn(c) for c in chunks]
+        return list(self._pool.map(fn, chunks))
+
+    def _batch_get(self, keys: Sequence[str], projection: str,
+                   consistent: bool = False) -> list[dict[str, Any]]:
+        """BatchGetItem in chunks of 100, in parallel, retrying UnprocessedKeys."""
+        chunks = [list(keys[i : i + _GET_CHUNK]) for i in range(0, len(keys), _GET_CHUNK)]
+
+        def get(chunk: list[str]) -> list[dict[str, Any]]:
+            request: dict[str, Any] = {self.table: {
+                "Keys": [{"pk": {"S": k}} for k in chunk],
+                "ProjectionExpression": projection,
+                "ExpressionAttributeNames": {"#pk": "pk"},
+                "ConsistentRead": consistent,
+            }}
+            items: list[dict[str, Any]] = []
+            for attempt in range(_MAX_ATTEMPTS + 1):
+                out = self._call("batch_get_item", RequestItems=request)
+                items.extend(out.get("Responses", {}).get(self.table, []))
+                request = out.get("UnprocessedKeys") or {}
+                if not request:
+                    return items
+                if attempt < _MAX_ATTEMPTS:
+                    _backoff(attempt)
+            raise VaultUnavailableError(
+                f"deid vault: DynamoDB kept throttling reads on table {self.table!r} after "
+                f"{_MAX_ATTEMPTS} retries; raise the table's read capacity or use on-demand")
+
+        return [item for part in self._map(get, chunks) for item in part]
+
+    def _get(self, pk: str, consistent: bool = True) -> dict[str, Any] | None:
+        item: dict[str, Any] | None = self._call(
+            "get_item", TableName=self.table, Key={"pk": {"S": pk}},
+            ConsistentRead=consistent).get("Item")
+        return item
+
+    def _put_if_absent(self, item: dict[str, Any]) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.ddb.put_item(TableName=self.table, Item=item,
+                              ConditionExpression="attribute_not_exists(pk)")
+            return True
+        except ClientError as exc:
+            if _code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise VaultUnavailableError(
+                f"deid vault: DynamoDB PutItem on table {self.table!r} failed ({_code(exc)})"
+            ) from None
+
+    def _transact(self, items: list[dict[str, Any]]) -> list[str] | None:
+        """Run a transaction; None on success, else the per-item cancellation codes.
+        Conflicts and throttling are retried here; condition failures are the caller's."""
+        from botocore.exceptions import ClientError
+
+        for attempt in range(_MAX_ATTEMPTS + 1):
+            try:
+                self.ddb.transact_write_items(TransactItems=items)
+                return None
+            except ClientError as exc:
+                code = _code(exc)
+                reasons = [r.get("Code", "None") for r in
+                           exc.response.get("CancellationReasons") or []]
+                if code == "TransactionCanceledException" and "ConditionalCheckFailed" in reasons:
+                    return reasons
+                retryable = code in ("TransactionCanceledException", "TransactionConflict",
+                                     "TransactionInProgressException",
+                                     "ProvisionedThroughputExceededException",
+                                     "ThrottlingException", "RequestLimitExceeded",
+                                     "InternalServerError")
+                if not retryable or attempt == _MAX_ATTEMPTS:
+                    raise VaultUnavailableError(
+                        f"deid vault: DynamoDB TransactWriteItems on table {self.table!r} "
+                        f"failed ({code}{': ' + ','.join(sorted(set(reasons))) if reasons else ''})"
+                    ) from None
+                _backoff(attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def keyring(self) -> KmsKeyring:
+        with self._keyring_lock:
+            if self._keyring is None:
+                self._keyring = KmsKeyring(self)
+            return self._keyring
+
+    def reload_keyring(self) -> KmsKeyring:
+        return self.keyring()  # versions are resolved on demand; nothing to reload
+
+    def context(self, purpose: str, version: int | None = None) -> dict[str, str]:
+        ctx = {"deid:vault": self.table, "deid:purpose": purpose}
+        if version is not None:
+            ctx["deid:key_version"] = str(version)
+        return ctx
+
+    def _has_items(self, prefix: str) -> bool:
+        kwargs: dict[str, Any] = {
+            "TableName": self.table, "ProjectionExpression": "#pk",
+            "FilterExpression": "begins_with(#pk, :p)",
+            "ExpressionAttributeNames": {"#pk": "pk"},
+            "ExpressionAttributeValues": {":p": {"S": prefix}},
+        }
+        while True:
+            out = self._call("scan", **kwargs)
+            if out.get("Items"):
+                return True
+            if "LastEvaluatedKey" not in out:
+                return False
+            kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
+
+    def secret_key(self, name: str, *, may_create: Callable[[], bool]) -> bytes:
+        """A 32-byte vault secret stored KMS-wrapped under ``meta#<name>``; created (by
+        GenerateDataKey) only when absent and `may_create()` says the vault allows it."""
+        pk = f"meta#{name}"
+        purpose = name.removesuffix("_key")
+        item = self._get(pk)
+        if item is None:
+            if not may_create():
+                raise VaultKeyError(
+                    f"deid keys: {pk} is missing from table {self.table!r} although the vault "
+                    "holds records; restore it from a backup (refusing to create a new key, "
+                    "which would break the vault)")
+            out = self._kms("generate_data_key", KeyId=self.kms_key, KeySpec="AES_256",
+                            EncryptionContext=self.context(purpose))
+            if self._put_if_absent({"pk": {"S": pk}, "wrapped": {"B": out["CiphertextBlob"]},
+                                    "created_at": {"S": _now()}}):
+                return bytes(out["Plaintext"])
+            item = self._get(pk)  # a concurrent container created it first: use theirs
+            if item is None:  # pragma: no cover - DynamoDB guarantees the winner is readable
+                raise VaultUnavailableError(f"deid keys: {pk} vanished while being created")
+        out = self._kms("decrypt", KeyId=self.kms_key, CiphertextBlob=item["wrapped"]["B"],
+                        EncryptionContext=self.context(purpose))
+        return bytes(out["Plaintext"])
+
+    def new_data_key(self) -> tuple[int, bytes]:
+        out = self._call("update_item", TableName=self.table, Key={"pk": {"S": "meta#key_counter"}},
+                         UpdateExpression="ADD #n :one", ExpressionAttributeNames={"#n": "n"},
+                         ExpressionAttributeValues={":one": {"N": "1"}},
+                         ReturnValues="UPDATED_NEW")
+        version = int(out["Attributes"]["n"]["N"])
+        dk = self._kms("generate_data_key", KeyId=self.kms_key, KeySpec="AES_256",
+                       EncryptionContext=self.context("values", version))
+        if not self._put_if_absent({"pk": {"S": f"key#{version}"},
+                                    "wrapped": {"B": dk["CiphertextBlob"]},
+                                    "created_at": {"S": _now()}}):
+            raise VaultKeyError(f"deid keys: key version {version} already exists in table "
+                                f"{self.table!r}; meta#key_counter was reset")
+        return version, bytes(dk["Plaintext"])
+
+    def data_key(self, version: int) -> bytes:
+        item = self._get(f"key#{version}")
+        if item is None:
+            raise VaultKeyError(f"deid keys: key version {version} is missing from table "
+                                f"{self.table!r}; restore the key#{version} item")
+        out = self._kms("decrypt", KeyId=self.kms_key, CiphertextBlob=item["wrapped"]["B"],
+                        EncryptionContext=self.context("values", version))
+        return bytes(out["Plaintext"])
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _fp_pk(domain: str, fingerprint: bytes) -> str:
+        return f"fp#{domain}#{fingerprint.hex()}"
+
+    def find_tokens(self, domain: str, fingerprints: Sequence[bytes]) -> dict[bytes, str]:
+        by_pk = {self._fp_pk(domain, fp): fp for fp in fingerprints}
+        items = self._batch_get(list(by_pk), "#pk, tok")
+        return {by_pk[i["pk"]["S"]]: i["tok"]["S"] for i in items}
+
+    def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
+        if not records:
+            return {}
+        domain = records[0].domain
+        chunks = [list(records[i : i + _TX_RECORDS])
+                  for i in range(0, len(records), _TX_RECORDS)]
+        parts = self._map(self._insert_chunk, chunks)
+        winners: dict[bytes, str] = {}
+        lost: list[bytes] = []
+        for won, taken in parts:
+            winners.update(won)
+            lost.extend(taken)
+        if lost:
+            # Another writer holds these fingerprints: read its tokens (strongly consistent,
+            # so a write that just won is visible).
+            by_pk = {self._fp_pk(domain, fp): fp for fp in lost}
+            for item in self._batch_get(list(by_pk), "#pk, tok", consistent=True):
+                winners[by_pk[item["pk"]["S"]]] = item["tok"]["S"]
+        return winners
+
+    def _insert_chunk(self, records: list[NewRecord]) -> tuple[dict[bytes, str], list[bytes]]:
+        """(fingerprint → token won here, fingerprints another writer holds). A record in
+        neither collided on its token and is left for the caller to retry."""
+        won: dict[bytes, str] = {}
+        taken: list[bytes] = []
+        pending = records
+        while pending:
+            items = []
+            for r in pending:
+                cond = {"TableName": self.table, "ConditionExpression": "attribute_not_exists(pk)"}
+                items.append({"Put": {**cond, "Item": {
+                    "pk": {"S": f"tok#{r.token}"}, "domain": {"S": r.domain},
+                    "fp": {"B": r.fingerprint}, "kind": {"S": r.kind},
+                    "v": {"N": str(r.key_version)}, "ct": {"B": r.ciphertext}}}})
+                items.append({"Put": {**cond, "Item": {
+                    "pk": {"S": self._fp_pk(r.domain, r.fingerprint)},
+                    "tok": {"S": r.token}, "kind": {"S": r.kind}}}})
+            reasons = self._transact(items)
+            if reasons is None:
+                won.update((r.fingerprint, r.token) for r in pending)
+                return won, taken
+            retry = []
+            for i, r in enumerate(pending):
+                tok_failed = reasons[2 * i] == "ConditionalCheckFailed"
+                fp_failed = reasons[2 * i + 1] == "ConditionalCheckFailed"
+                if fp_failed:
+                    taken.append(r.fingerprint)
+                elif not tok_failed:
+                    retry.append(r)  # innocent bystander of a cancelled transaction
+            pending = retry
+        return won, taken
+
+    def fetch_values(self, tokens: Sequence[str]) -> dict[str, StoredValue]:
+        # Strongly consistent: a token minted a moment ago by another Lambda must be found.
+        items = self._batch_get([f"tok#{t}" for t in dict.fromkeys(tokens)], "#pk, v, ct",
+                                consistent=True)
+        return {i["pk"]["S"][4:]: StoredValue(int(i["v"]["N"]), bytes(i["ct"]["B"]))
+                for i in items}
+
+    def _scan(self, prefix: str, projection: str) -> Iterator[list[dict[str, Any]]]:
+        kwargs: dict[str, Any] = {
+            "TableName": self.table, "ProjectionExpression": projection,
+            "FilterExpression": "begins_with(#pk, :p)",
+            # domain is a DynamoDB reserved word
+            "ExpressionAttributeNames": {"#pk": "pk", **({"#d": "domain"} if "#d" in projection
+                                                         else {})},
+            "ExpressionAttributeValues": {":p": {"S": prefix}},
+        }
+        while True:
+            out = self._call("scan", **kwargs)
+            if out.get("Items"):
+                yield out["Items"]
+            if "LastEvaluatedKey" not in out:
+                return
+            kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
+
+    def iter_values(self, batch_size: int = 10_000) -> Iterator[list[tuple[str, StoredValue]]]:
+        batch: list[tuple[str, StoredValue]] = []
+        for items in self._scan("tok#", "#pk, v, ct"):
+            for i in items:
+                batch.append((i["pk"]["S"][4:], StoredValue(int(i["v"]["N"]), bytes(i["ct"]["B"]))))
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def update_values(self, rows: Sequence[tuple[str, StoredValue]]) -> None:
+        def update(row: tuple[str, StoredValue]) -> None:
+            token, value = row
+            self._call("update_item", TableName=self.table, Key={"pk": {"S": f"tok#{token}"}},
+                       UpdateExpression="SET v = :v, ct = :ct",
+                       ConditionExpression="attribute_exists(pk)",
+                       ExpressionAttributeValues={":v": {"N": str(value.key_version)},
+                                                  ":ct": {"B": value.ciphertext}})
+
+        self._map(update, list(rows))
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def grant(self, principal: str, granted_by: str) -> bool:
+        return self._put_if_absent({"pk": {"S": f"principal#{principal}"},
+                                    "granted_at": {"S": _now()}, "granted_by": {"S": granted_by}})
+
+    def revoke(self, principal: str) -> bool:
+        out = self._call("delete_item", TableName=self.table,
+                         Key={"pk": {"S": f"principal#{principal}"}}, ReturnValues="ALL_OLD")
+        return bool(out.get("Attributes"))
+
+    def principals(self) -> list[dict[str, str]]:
+        rows = [{"principal": i["pk"]["S"].removeprefix("principal#"),
+                 "granted_at": i["granted_at"]["S"], "granted_by": i["granted_by"]["S"]}
+                for items in self._scan("principal#", "#pk, granted_at, granted_by")
+                for i in items]
+        return sorted(rows, key=lambda r: r["principal"])
+
+    def is_allowed(self, principal: str) -> bool:
+        return self._get(f"principal#{principal}") is not None
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
+        for attempt in range(4 * _MAX_ATTEMPTS):
+            head = self._get("audit#head")
+            seq, prev = (int(head["seq"]["N"]), head["hash"]["S"]) if head else (0, GENESIS)
+            stored = {**record, "seq": seq + 1}
+            digest = seal(prev, stored)
+            new_head = {"pk": {"S": "audit#head"}, "seq": {"N": str(seq + 1)},
+                        "hash": {"S": digest}}
+            head_write: dict[str, Any] = {"Put": {
+                "TableName": self.table, "Item": new_head,
+                **({"ConditionExpression": "#seq = :seq",
+                    "ExpressionAttributeNames": {"#seq": "seq"},
+                    "ExpressionAttributeValues": {":seq": {"N": str(seq)}}} if head else
+                   {"ConditionExpression": "attribute_not_exists(pk)"})}}
+            reasons = self._transact([
+                {"Put": {"TableName": self.table,
+                         "ConditionExpression": "attribute_not_exists(pk)",
+                         "Item": {"pk": {"S": f"audit#{seq + 1:012d}"},
+                                  "record": {"S": json.dumps(stored, sort_keys=True)},
+                                  "prev": {"S": prev}, "hash": {"S": digest}}}},
+                head_write,
+            ])
+            if reasons is None:
+                return {**stored, "prev": prev, "hash": digest}
+            _backoff(min(attempt, 5))  # another detokenize appended first: chain after it
+        raise VaultUnavailableError("deid vault: could not append to the audit log (too many "
+                                    "concurrent detokenize calls); the batch was not revealed")
+
+    def audit_records(self) -> Iterator[dict[str, Any]]:
+        head = self._get("audit#head")
+        last = int(head["seq"]["N"]) if head else 0
+        for start in range(1, last + 1, 1000):
+            keys = [f"audit#{s:012d}" for s in range(start, min(start + 1000, last + 1))]
+            for item in sorted(self._audit_items(keys), key=lambda i: i["pk"]["S"]):
+                yield {**json.loads(item["record"]["S"]), "seq": int(item["pk"]["S"][6:]),
+                       "prev": item["prev"]["S"], "hash": item["hash"]["S"]}
+
+    def _audit_items(self, keys: list[str]) -> list[dict[str, Any]]:
+        chunks = [keys[i : i + _GET_CHUNK] for i in range(0, len(keys), _GET_CHUNK)]
+
+        def get(chunk: list[str]) -> list[dict[str, Any]]:
+            request: dict[str, Any] = {self.table: {
+                "Keys": [{"pk": {"S": k}} for k in chunk], "ConsistentRead": True}}
+            items: list[dict[str, Any]] = []
+            for attempt in range(_MAX_ATTEMPTS + 1):
+                out = self._call("batch_get_item", RequestItems=request)
+                items.extend(out.get("Responses", {}).get(self.table, []))
+                request = out.get("UnprocessedKeys") or {}
+                if not request:
+                    return items
+                _backoff(attempt)
+            raise VaultUnavailableError("deid vault: DynamoDB kept throttling audit reads")
+
+        return [i for part in self._map(get, chunks) for i in part]
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        tokens: dict[str, int] = {}
+        versions: dict[str, int] = {}
+        for items in self._scan("tok#", "#pk, #d, kind, v"):
+            for i in items:
+                key = f"{i['domain']['S']} ({i['kind']['S']})"
+                tokens[key] = tokens.get(key, 0) + 1
+                versions[i["v"]["N"]] = versions.get(i["v"]["N"], 0) + 1
+        head = self._get("audit#head")
+        return {
+            "vault": self.url,
+            "tokens": dict(sorted(tokens.items())),
+            "key_versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0]))),
+            "principals": len(self.principals()),
+            "audit_records": int(head["seq"]["N"]) if head else 0,
+        }
+
+
+class KmsKeyring(_keys.Keyring):
+    """A `Keyring` whose keys live KMS-wrapped in the table and are unwrapped on first use,
+    each with its own encryption context, so a role holds only the KMS rights it uses."""
+
+    def __init__(self, store: DynamoDBStore) -> None:  # deliberately not the dataclass init
+        self._store = store
+        self._lock = threading.RLock()
+        self.source = f"kms:{store.kms_key}"
+        self.fingerprint_key = b""
+        self.audit_key = b""
+        self.keys: dict[int, bytes] = {}
+        self.current = 0
+        self._aead: dict[int, AESGCM] = {}
+        self._encryptions = 0
+
+    def __repr__(self) -> str:
+        return f"KmsKeyring(loaded_versions={sorted(self.keys)}, source={self.source!r})"
+
+    def _fingerprint_key(self) -> bytes:
+        if not self.fingerprint_key:
+            with self._lock:
+                if not self.fingerprint_key:
+                    self.fingerprint_key = self._store.secret_key(
+                        "fingerprint_key",
+                        may_create=lambda: not self._store._has_items("fp#"))
+        return self.fingerprint_key
+
+    def _audit_key(self) -> bytes:
+        if not self.audit_key:
+            with self._lock:
+                if not self.audit_key:
+                    self.audit_key = self._store.secret_key(
+                        "audit_key", may_create=lambda: self._store._get("audit#head") is None)
+        return self.audit_key
+
+    def _add(self, version: int, key: bytes) -> None:
+        self.keys[version] = key
+        self._aead[version] = AESGCM(key)
+
+    # -- the Keyring interface the token service uses ----------------------------------------
+
+    def fingerprint(self, domain: str, match_key: str) -> bytes:
+        self._fingerprint_key()
+        return super().fingerprint(domain, match_key)
+
+    def check_value(self) -> str:
+        self._fingerprint_key()
+        return super().check_value()
+
+    def encrypt(self, token: str, canonical: str) -> tuple[int, bytes]:
+        with self._lock:
+            if not self.current or self._encryptions >= _MAX_ENCRYPTIONS_PER_KEY:
+                version, key = self._store.new_data_key()
+                self._add(version, key)
+                self.current, self._encryptions = version, 0
+            self._encryptions += 1
+        return super().encrypt(token, canonical)
+
+    def decrypt(self, token: str, version: int, blob: bytes) -> str:
+        if version not in self._aead:
+            with self._lock:
+                if version not in self._aead:
+                    self._add(version, self._store.data_key(version))
+        return super().decrypt(token, version, blob)
+
+    def chain(self, prev_hash: str, record: dict[str, Any]) -> str:
+        self._audit_key()
+        return super().chain(prev_hash, record)
+
+    def to_json(self) -> str:
+        raise ConfigError("deid keys: a DynamoDB vault's keys stay wrapped by KMS and cannot be "
+                          "exported")
+
+    def rotated(self) -> _keys.Keyring:
+        raise ConfigError("deid keys: a DynamoDB vault rotates data keys by itself (a new key "
+                          "version per tokenize container); rotate the KMS key in KMS")
+
+
+def open_store(url: str) -> DynamoDBStore:
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "dynamodb":
+        raise ConfigError("deid vault: a DynamoDB URL starts with dynamodb://")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = set(query) - {"region", "kms_key", "endpoint_url", "workers"}
+    if unknown:
+        raise ConfigError(f"deid vault: unknown DynamoDB URL parameter(s) "
+                          f"{', '.join(sorted(unknown))}; expected region, kms_key, "
+                          "endpoint_url, workers")
+    try:
+        workers = int(query.get("workers", "8"))
+    except ValueError:
+        raise ConfigError("deid vault: workers= must be a number") from None
+    return DynamoDBStore(
+        parts.netloc,
+        region=query.get("region") or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION"),
+        kms_key=query.get("kms_key", ""),
+        endpoint_url=query.get("endpoint_url"),
+        workers=workers,
+    )
