@@ -17,6 +17,7 @@ profile, and the real protection is who can read the vault and its key file.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 from typing import Any
@@ -74,10 +75,8 @@ def register(conn: duckdb.DuckDBPyConnection, service: TokenService, principal: 
 
 def _create(conn: duckdb.DuckDBPyConnection, name: str, fn: Any, params: list[Any], *,
             side_effects: bool) -> None:
-    try:
+    with contextlib.suppress(duckdb.InvalidInputException, duckdb.CatalogException):
         conn.remove_function(name)
-    except (duckdb.InvalidInputException, duckdb.CatalogException):
-        pass
     conn.create_function(name, fn, params, VARCHAR, type="arrow", null_handling="special",
                          side_effects=side_effects)
 

@@ -68,7 +68,8 @@ class Keyring:
         self._aead = {v: AESGCM(k) for v, k in self.keys.items()}
 
     def __repr__(self) -> str:  # never print key material
-        return f"Keyring(versions={sorted(self.keys)}, current={self.current}, source={self.source!r})"
+        return (f"Keyring(versions={sorted(self.keys)}, current={self.current}, "
+                f"source={self.source!r})")
 
     # -- construction ---------------------------------------------------------------------
 
@@ -82,7 +83,8 @@ class Keyring:
         try:
             doc = json.loads(text)
             if doc.get("format") != _FORMAT:
-                raise VaultKeyError(f"deid keys: {source} has unsupported format {doc.get('format')!r}")
+                raise VaultKeyError(
+                    f"deid keys: {source} has unsupported format {doc.get('format')!r}")
             keys = {int(v): _unb64(k, f"key version {v}") for v, k in doc["keys"].items()}
             return cls(_unb64(doc["fingerprint_key"], "fingerprint_key"),
                        _unb64(doc["audit_key"], "audit_key"), keys, int(doc["current"]), source)

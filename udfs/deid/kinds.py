@@ -17,7 +17,7 @@ kind     token                                   why that shape
 ======== ======================================= =====================================
 email    ``<24 base32>@deid.invalid``            valid address in a reserved TLD
 phone    ``+999`` + 12 digits                    E.164-shaped; 999 is a reserved code
-ssn      ``9AA-GG-SSSS``, AA 50–99, GG 00–49     area 9xx is never issued; GG is
+ssn      ``9AA-GG-SSSS``, AA 50-99, GG 00-49     area 9xx is never issued; GG is
                                                  outside every ITIN group range
 card     ``9`` + 11 digits + last four           16 digits, MII 9, always fails Luhn
 name     ``name_<24 base32>``                    recognizable prefix

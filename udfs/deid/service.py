@@ -196,8 +196,9 @@ class VaultTokenService:
         outcome = "allowed" if allowed else "denied"
         if allowed and bad_row is not None:
             outcome = "rejected"
-        self.audit("detokenize", principal, outcome, count=len(present), kinds=kinds,
-                   query_id=query_id, host=host)
+        if present or not allowed:  # an all-NULL batch reveals nothing: no record needed
+            self.audit("detokenize", principal, outcome, count=len(present), kinds=kinds,
+                       query_id=query_id, host=host)
         if not allowed:
             raise PermissionDeniedError(
                 f"deid.detokenize: permission denied: principal {principal!r} is not in the "

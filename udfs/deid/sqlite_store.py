@@ -7,6 +7,7 @@ read back in the same transaction, so two writers that see one new value return 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import sqlite3
@@ -61,17 +62,20 @@ class SQLiteStore(VaultStore):
         self._local = threading.local()
         self._keyring: _keys.Keyring | None = None
         self._keyring_lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VaultUnavailableError(
+                f"deid vault: cannot create the directory of {self.path} "
+                f"({exc.strerror})") from None
         with self._tx() as db:
             # executescript would commit the open transaction: run statements one by one.
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             db.execute("insert or ignore into meta values ('schema_version', ?)",
                        (_SCHEMA_VERSION,))
-        try:
+        with contextlib.suppress(OSError):  # e.g. a mount owned by someone else
             self.path.chmod(0o600)
-        except OSError:  # pragma: no cover - e.g. a read-only mount owned by someone else
-            pass
 
     # -- connections ------------------------------------------------------------------
 

@@ -1,0 +1,161 @@
+"""End to end on DuckDB: dbt seed + build, marts hold no raw value, detokenize is gated,
+rebuilds keep tokens, the guard and a missing key fail closed with the previous mart intact."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Iterator
+
+import duckdb
+import pytest
+
+from dbt_project_copy import ROOT, DbtProject, copy_project
+from deid import kinds
+
+SENSITIVE = {
+    "raw_customers": ["full_name", "email", "phone", "ssn", "street_address"],
+    "raw_prescriptions": ["prescriber_name", "prescriber_npi"],
+    "raw_payments": ["card_number"],
+}
+MARTS = ["dim_customers", "fct_orders", "fct_prescriptions", "fct_payments"]
+
+
+def raw_values() -> set[str]:
+    """Every sensitive seed value, as written and in its canonical form."""
+    out: set[str] = set()
+    for table, cols in SENSITIVE.items():
+        with (ROOT / "seeds" / "raw" / f"{table}.csv").open() as fh:
+            for row in csv.DictReader(fh):
+                for c in cols:
+                    v = row[c]
+                    if not v:
+                        continue
+                    out.add(v)
+                    kind = {"full_name": "name", "prescriber_name": "name",
+                            "street_address": "address", "card_number": "card",
+                            "prescriber_npi": "string"}.get(c, c)
+                    out.add(kinds.normalize(kinds.KINDS[kind], v)[0])
+    return out
+
+
+def query(project: DbtProject, sql: str) -> list[tuple[object, ...]]:
+    con = duckdb.connect(str(project.path / "warehouse.duckdb"), read_only=True)
+    try:
+        return con.sql(sql).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbtProject]:
+    project = copy_project(tmp_path_factory.mktemp("duckdb_e2e"))
+    project.dbt("seed")
+    project.dbt("build", "--exclude", "resource_type:seed")
+    yield project
+
+
+def test_marts_hold_no_raw_sensitive_value(built: DbtProject) -> None:
+    raw = raw_values()
+    assert len(raw) > 10_000
+    for mart in MARTS:
+        rows = query(built, f"select * from main.{mart}")
+        assert rows, mart
+        leaked = {str(v) for row in rows for v in row if v is not None} & raw
+        assert not leaked, f"{mart} holds {len(leaked)} raw values"
+
+
+def test_target_and_logs_hold_no_raw_sensitive_value(built: DbtProject) -> None:
+    raw = {v for v in raw_values() if len(v) >= 6}
+    for folder in ("target", "logs"):
+        for path in (built.path / folder).rglob("*"):
+            if path.is_file() and path.suffix in (".sql", ".json", ".log", ".txt", ""):
+                text = path.read_text(errors="replace")
+                hits = [v for v in raw if v in text]
+                assert not hits, f"{path} contains {len(hits)} raw values"
+
+
+def test_tokens_join_facts_to_customers(built: DbtProject) -> None:
+    orphans = query(built, """select count(*) from main.fct_orders o
+                              left join main.dim_customers c using (customer_key)
+                              where c.customer_key is null""")
+    assert orphans == [(0,)]
+    assert query(built, "select count(distinct customer_key) from main.dim_customers") \
+        == [(2000,)]
+
+
+def test_granted_principal_reidentifies_and_default_is_refused(built: DbtProject) -> None:
+    from conftest import open_service_at
+
+    open_service_at(built.path / ".deid" / "vault.db").store.grant("pii_reader", "test")
+    ok = built.dbt("show", "--select", "reidentify_emails_by_age_and_zip3", "--target",
+                   "pii_reader", "--output", "json", "--limit", "100")
+    emails = {str(v) for v in raw_values() if "@" in str(v)}
+    shown = [line for line in ok.stdout.splitlines() if "@example." in line]
+    assert shown and all(any(e in line for e in emails) for line in shown)
+    denied = built.dbt("show", "--select", "reidentify_emails_by_age_and_zip3", check=False)
+    assert denied.returncode != 0
+    assert "permission denied: principal 'dbt_transformer'" in denied.stdout + denied.stderr
+
+
+def test_rebuild_keeps_every_token(built: DbtProject) -> None:
+    before = query(built, "select * from main.dim_customers order by customer_key")
+    built.dbt("run", "--select", "dim_customers", "fct_payments", "--full-refresh")
+    assert query(built, "select * from main.dim_customers order by customer_key") == before
+
+
+def test_incremental_orders_reuse_customer_tokens(built: DbtProject) -> None:
+    con = duckdb.connect(str(built.path / "warehouse.duckdb"))
+    con.execute("""insert into raw.raw_orders select 999999, 17, 1,
+                   timestamp '2030-01-01 10:00:00', 'online', 'completed', 12.34""")
+    con.close()
+    built.dbt("run", "--select", "fct_orders")
+    rows = query(built, """select o.customer_key = c.customer_key
+                           from main.fct_orders o, main.fct_orders c
+                           where o.order_id = 999999 and c.order_id =
+                             (select min(order_id) from main.fct_orders where order_id <> 999999
+                              and customer_key = o.customer_key)""")
+    assert rows == [(True,)]
+
+
+def test_guard_refuses_a_mart_exposing_pii_and_keeps_the_previous_one(
+        built: DbtProject) -> None:
+    before = query(built, "select count(*), min(email_token) from main.dim_customers")
+    model = built.path / "models" / "marts" / "dim_customers.sql"
+    original = model.read_text()
+    try:
+        model.write_text(original.replace(
+            "{{ deid.tokenize('email', 'email') }} as email_token", "email as email_token"))
+        out = built.dbt("run", "--select", "dim_customers", check=False)
+        assert out.returncode != 0
+        assert "would expose PII" in out.stdout or "exposes raw PII" in out.stdout
+        assert "email_token" in out.stdout
+        assert not [v for v in raw_values() if v in out.stdout]
+    finally:
+        model.write_text(original)
+    assert query(built, "select count(*), min(email_token) from main.dim_customers") == before
+
+
+def test_undocumented_column_downstream_of_pii_fails(built: DbtProject) -> None:
+    model = built.path / "models" / "marts" / "leaky_extra.sql"
+    model.write_text("select city from {{ ref('stg_pharmacy__customers') }}")
+    try:
+        out = built.dbt("run", "--select", "leaky_extra", check=False)
+        assert out.returncode != 0 and "'city' is not documented" in out.stdout
+        assert query(built, "select count(*) from information_schema.tables "
+                            "where table_name = 'leaky_extra'") == [(0,)]
+    finally:
+        model.unlink()
+
+
+def test_missing_key_fails_the_model_and_keeps_the_previous_mart(built: DbtProject) -> None:
+    before = query(built, "select * from main.fct_payments order by payment_id")
+    key_file = built.path / ".deid" / "vault.db.keys"
+    aside = key_file.with_suffix(".aside")
+    shutil.move(key_file, aside)
+    try:
+        out = built.dbt("run", "--select", "fct_payments", check=False)
+        assert out.returncode != 0 and "refusing to create new keys" in out.stdout
+    finally:
+        shutil.move(aside, key_file)
+    assert query(built, "select * from main.fct_payments order by payment_id") == before

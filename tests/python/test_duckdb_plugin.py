@@ -1,0 +1,92 @@
+"""The DuckDB host: vectorized UDFs, NULL handling, errors, principal, plugin config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from deid.duckdb_plugin import Plugin, register
+from deid.service import VaultTokenService
+
+
+@pytest.fixture
+def con(service: VaultTokenService, tmp_path: Path) -> duckdb.DuckDBPyConnection:
+    c = duckdb.connect(str(tmp_path / "w.duckdb"))
+    register(c, service, "analyst")
+    return c
+
+
+def test_tokenize_many_vectors_with_nulls_and_repeats(con: duckdb.DuckDBPyConnection) -> None:
+    rows = con.sql("""
+        select i, deid.tokenize(case when i % 7 = 0 then null
+                                     else 'user' || (i % 1000) || '@example.com' end, 'email') t
+        from range(10000) r(i) order by i""").fetchall()
+    assert len(rows) == 10000  # > 2048: several vectors
+    assert all((t is None) == (i % 7 == 0) for i, t in rows)
+    by_value: dict[int, set[str]] = {}
+    for i, t in rows:
+        if t is not None:
+            by_value.setdefault(i % 1000, set()).add(t)
+    assert all(len(ts) == 1 for ts in by_value.values())
+    assert len({next(iter(ts)) for ts in by_value.values()}) == 1000
+
+
+def test_kind_per_row_from_a_column(con: duckdb.DuckDBPyConnection) -> None:
+    rows = con.sql("""select deid.tokenize(v, k) from (values ('a@example.com', 'email'),
+                      ('212-555-0100', 'phone'), (null, null)) t(v, k)""").fetchall()
+    assert rows[0][0].endswith("@deid.invalid") and rows[1][0].startswith("+999")
+    assert rows[2][0] is None
+
+
+def test_tokens_join_across_queries(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("create table a as select deid.tokenize('x@example.com', 'email') t")
+    con.execute("create table b as select deid.tokenize(' X@EXAMPLE.COM', 'email') t")
+    assert con.sql("select count(*) from a join b using (t)").fetchall() == [(1,)]
+
+
+def test_bad_value_fails_the_query_without_the_value(con: duckdb.DuckDBPyConnection) -> None:
+    with pytest.raises(duckdb.Error) as exc:
+        con.sql("select deid.tokenize(v, 'ssn') from (values ('901-23-4567'), "
+                "('SECRET-9999')) t(v)").fetchall()
+    assert "not an SSN" in str(exc.value) and "SECRET-9999" not in str(exc.value)
+
+
+def test_create_table_with_a_bad_row_leaves_no_table(con: duckdb.DuckDBPyConnection) -> None:
+    with pytest.raises(duckdb.Error):
+        con.execute("create table m as select deid.tokenize(v, 'email') e "
+                    "from (values ('a@example.com'), ('broken')) t(v)")
+    assert not con.sql("select * from duckdb_tables() where table_name = 'm'").fetchall()
+
+
+def test_detokenize_follows_the_principal(service: VaultTokenService, tmp_path: Path) -> None:
+    token = service.tokenize("email", ["a@example.com"])[0]
+    analyst = duckdb.connect()
+    register(analyst, service, "analyst")
+    with pytest.raises(duckdb.Error, match="permission denied: principal 'analyst'"):
+        analyst.sql(f"select deid.detokenize('{token}')").fetchall()
+    service.store.grant("reader", "test")
+    reader = duckdb.connect()
+    register(reader, service, "reader")
+    assert reader.sql(f"select deid.detokenize('{token}'), deid.detokenize(null)").fetchall() \
+        == [("a@example.com", None)]
+    outcomes = [r["outcome"] for r in service.store.audit_records()]
+    assert outcomes == ["denied", "allowed"]
+
+
+def test_each_cursor_sees_the_udfs(con: duckdb.DuckDBPyConnection) -> None:
+    cur = con.cursor()
+    assert cur.sql("select deid.tokenize('1990-01-02', 'date')").fetchall()[0][0].startswith(
+        "date_")
+
+
+def test_plugin_reads_vault_and_principal_from_config(tmp_path: Path) -> None:
+    url = "sqlite:////" + str(tmp_path / "pv" / "vault.db").lstrip("/")
+    plugin = Plugin.__new__(Plugin)
+    plugin.initialize({"vault": url, "principal": "dbt_transformer", "cache_size": 10})
+    assert plugin.config.cache_size == 10 and plugin.principal == "dbt_transformer"
+    c = duckdb.connect()
+    plugin.configure_connection(c)
+    assert c.sql("select deid.tokenize('a', 'string')").fetchall()[0][0].startswith("str_")
+    assert (tmp_path / "pv" / "vault.db").exists()

@@ -1,0 +1,299 @@
+"""The token service over the SQLite vault: convergence, randomness, policy, audit, faults."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import open_service_at as fresh_service
+from deid.errors import (
+    InvalidKindError,
+    InvalidValueError,
+    PermissionDeniedError,
+    UnknownTokenError,
+    VaultKeyError,
+)
+from deid.keys import key_file_for
+from deid.service import VaultTokenService, _BoundedCache
+
+EMAILS = [f"person{i}@example.com" for i in range(300)]
+
+
+def test_same_value_same_token_across_instances_and_spellings(service: VaultTokenService,
+                                                              vault_path: Path) -> None:
+    first = service.tokenize("email", EMAILS)
+    other = fresh_service(vault_path, cache_size=0)
+    assert other.tokenize("email", [e.upper() for e in EMAILS]) == first
+    assert len(set(first)) == len(EMAILS)
+
+
+def test_tokens_are_random_not_derived_from_values(tmp_path: Path) -> None:
+    a = fresh_service(tmp_path / "a" / "v.db").tokenize("email", EMAILS)
+    b = fresh_service(tmp_path / "b" / "v.db").tokenize("email", EMAILS)
+    assert not set(a) & set(b)  # two vaults, same values: unrelated tokens
+
+
+def test_domains_separate_token_spaces(service: VaultTokenService) -> None:
+    shared = service.tokenize("email", EMAILS[:10])
+    private = service.tokenize("email:marketing", EMAILS[:10])
+    assert not set(shared) & set(private)
+    assert service.tokenize("email", EMAILS[:10]) == shared
+
+
+def test_null_stays_null_and_empty_string_gets_a_token(service: VaultTokenService) -> None:
+    out = service.tokenize("string", [None, "", None, ""])
+    assert out[0] is None and out[2] is None
+    assert out[1] is not None and out[1] == out[3]
+
+
+def test_a_value_shaped_like_a_token_is_tokenized_like_any_other(
+        service: VaultTokenService) -> None:
+    token = service.tokenize("email", ["a@example.com"])[0]
+    again = service.tokenize("email", [token])[0]
+    assert again != token
+    service.store.grant("reader", "test")
+    assert service.detokenize([again], principal="reader") == [token]
+
+
+def test_bad_value_fails_the_whole_batch_naming_kind_column_and_row(
+        service: VaultTokenService) -> None:
+    secret = "not-an-email-but-secret"
+    with pytest.raises(InvalidValueError) as exc:
+        service.tokenize("email", ["ok@example.com", None, secret], column="email")
+    msg = str(exc.value)
+    assert "row 3" in msg and "'email'" in msg and "column 'email'" in msg
+    assert secret not in msg
+    # nothing of the batch was minted: fail whole, before the vault is touched
+    assert service.store.stats()["tokens"] == {}
+
+
+def test_over_long_value_names_the_limit(service: VaultTokenService) -> None:
+    with pytest.raises(InvalidValueError, match="limit of 16 characters"):
+        service.tokenize("ssn", ["9" * 40])
+
+
+def test_unknown_kind(service: VaultTokenService) -> None:
+    with pytest.raises(InvalidKindError, match="unknown kind 'passport'"):
+        service.tokenize("passport", ["x"])
+
+
+def test_non_text_value_is_refused(service: VaultTokenService) -> None:
+    with pytest.raises(InvalidValueError, match="not text"):
+        service.tokenize("string", ["a", 5])  # type: ignore[list-item]
+
+
+def test_detokenize_returns_canonical_values_for_granted_principal(
+        service: VaultTokenService) -> None:
+    tokens = service.tokenize("phone", ["(212) 555-0142", None, "212.555.0199"])
+    service.store.grant("pii_reader", "test")
+    assert service.detokenize(tokens, principal="pii_reader") == [
+        "+12125550142", None, "+12125550199"]
+
+
+def test_detokenize_refused_outside_policy_and_audited(service: VaultTokenService) -> None:
+    tokens = service.tokenize("ssn", ["901-23-4567"])
+    with pytest.raises(PermissionDeniedError, match="'analyst' is not in the vault"):
+        service.detokenize(tokens, principal="analyst", query_id="q1", host="test")
+    (record,) = list(service.store.audit_records())
+    assert record["principal"] == "analyst" and record["outcome"] == "denied"
+    assert record["kinds"] == {"ssn": 1} and record["query_id"] == "q1"
+    assert "901-23-4567" not in json.dumps(record) and tokens[0] not in json.dumps(record)
+
+
+def test_revoked_principal_is_refused(service: VaultTokenService) -> None:
+    tokens = service.tokenize("email", ["a@example.com"])
+    service.store.grant("p", "test")
+    assert service.detokenize(tokens, principal="p") == ["a@example.com"]
+    service.store.revoke("p")
+    with pytest.raises(PermissionDeniedError):
+        service.detokenize(tokens, principal="p")
+
+
+def test_forged_or_foreign_tokens_fail_without_echo(service: VaultTokenService,
+                                                    tmp_path: Path) -> None:
+    service.store.grant("p", "test")
+    foreign = fresh_service(tmp_path / "other" / "v.db").tokenize("email", ["a@example.com"])[0]
+    for bad in [foreign, "hello", "name_" + "a" * 24]:
+        with pytest.raises(UnknownTokenError) as exc:
+            service.detokenize(["x" if bad == "hello" else bad], principal="p")
+        assert bad not in str(exc.value)
+
+
+def test_tampered_record_fails_authentication(service: VaultTokenService,
+                                              vault_path: Path) -> None:
+    a, b = service.tokenize("email", ["a@example.com", "b@example.com"])
+    service.store.grant("p", "test")
+    db = sqlite3.connect(vault_path)
+    # swap the two ciphertexts: each is bound to its own token
+    rows = dict(db.execute("select token, ciphertext from tokens").fetchall())
+    db.execute("update tokens set ciphertext = ? where token = ?", (rows[b], a))
+    db.commit()
+    with pytest.raises(VaultKeyError, match="failed authentication"):
+        fresh_service(vault_path).detokenize([a], principal="p")
+
+
+def test_audit_chain_verifies_and_detects_edits_and_deletions(service: VaultTokenService,
+                                                             vault_path: Path) -> None:
+    tokens = service.tokenize("email", EMAILS[:5])
+    service.store.grant("p", "test")
+    for _ in range(4):
+        service.detokenize(tokens, principal="p")
+    assert service.verify_audit()["records"] == 4
+    db = sqlite3.connect(vault_path)
+    record = json.loads(db.execute("select record from audit where seq = 2").fetchone()[0])
+    record["principal"] = "someone_else"
+    db.execute("update audit set record = ? where seq = 2", (json.dumps(record),))
+    db.commit()
+    with pytest.raises(Exception, match="record 2 was altered"):
+        service.verify_audit()
+    db.execute("delete from audit where seq = 2")
+    db.commit()
+    with pytest.raises(Exception, match="record 2 is missing"):
+        service.verify_audit()
+
+
+def test_rotation_changes_no_token_and_keeps_old_values_readable(
+        service: VaultTokenService, vault_path: Path) -> None:
+    from deid.keys import write_key_file
+
+    old = service.tokenize("email", EMAILS[:50])
+    write_key_file(key_file_for(vault_path), service.keyring.rotated(), exclusive=False)
+    rotated = fresh_service(vault_path, cache_size=0)
+    assert rotated.keyring.current == 2
+    assert rotated.tokenize("email", EMAILS[:50]) == old
+    new = rotated.tokenize("email", ["late@example.com"])
+    rotated.store.grant("p", "test")
+    assert rotated.detokenize(old + new, principal="p") == [*EMAILS[:50], "late@example.com"]
+    # the service that loaded keys before the rotation reloads them on an unknown version
+    assert service.detokenize(new, principal="p") == ["late@example.com"]
+    versions = service.store.stats()["key_versions"]
+    assert versions == {"1": 50, "2": 1}
+
+
+def test_missing_key_file_for_a_vault_with_records_is_refused(
+        service: VaultTokenService, vault_path: Path) -> None:
+    service.tokenize("email", ["a@example.com"])
+    key_file_for(vault_path).unlink()
+    with pytest.raises(VaultKeyError, match="refusing to create new keys"):
+        fresh_service(vault_path)
+
+
+def test_keys_of_another_vault_are_refused(service: VaultTokenService, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from deid.keys import Keyring
+
+    monkeypatch.setenv("DEID_KEYS", Keyring.generate().to_json())
+    with pytest.raises(VaultKeyError, match="does not belong"):
+        fresh_service(service.store.path)
+
+
+def test_key_file_is_created_0600_and_group_readable_one_refused(
+        service: VaultTokenService, vault_path: Path) -> None:
+    kf = key_file_for(vault_path)
+    assert kf.stat().st_mode & 0o777 == 0o600
+    assert "fingerprint_key" in kf.read_text()
+    kf.chmod(0o640)
+    with pytest.raises(VaultKeyError, match="chmod 600"):
+        fresh_service(vault_path)
+
+
+def test_keys_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deid.keys import Keyring
+
+    monkeypatch.setenv("DEID_KEYS", Keyring.generate().to_json())
+    svc = fresh_service(tmp_path / "v.db")
+    assert svc.keyring.source == "DEID_KEYS"
+    assert not key_file_for(tmp_path / "v.db").exists()
+    assert svc.tokenize("email", ["a@example.com"])[0]
+
+
+def test_keyring_repr_never_shows_key_material(service: VaultTokenService) -> None:
+    text = repr(service.keyring)
+    assert service.keyring.to_json().split('"')[7] not in text
+    assert "versions=[1]" in text
+
+
+def test_threads_racing_on_new_values_converge(vault_path: Path) -> None:
+    fresh_service(vault_path)  # create keys once; each thread then opens its own service
+    values = [f"race{i}@example.com" for i in range(2000)]
+    results: list[list[str | None]] = []
+    barrier = threading.Barrier(6)
+
+    def work() -> None:
+        svc = fresh_service(vault_path, cache_size=0)
+        barrier.wait()
+        results.append(svc.tokenize("email", values))
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and all(r == results[0] for r in results)
+    assert fresh_service(vault_path).store.stats()["tokens"] == {"email (email)": 2000}
+
+
+def _tokenize_in_process(args: tuple[str, list[str]]) -> list[str | None]:
+    path, values = args
+    return fresh_service(Path(path), cache_size=0).tokenize("ssn", values)
+
+
+def test_processes_racing_on_new_values_converge(vault_path: Path) -> None:
+    values = [f"90{i // 10000 % 10}-{i // 100 % 100:02d}-{i:04d}" for i in range(3000)]
+    # no keys yet: the processes also race to create the key file
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.map(_tokenize_in_process, [(str(vault_path), values)] * 4)
+    assert all(r == results[0] for r in results)
+    assert len(set(results[0])) == len(set(values))
+    assert fresh_service(vault_path).store.stats()["tokens"] == {"ssn (ssn)": len(set(values))}
+
+
+def test_token_collisions_are_retried(service: VaultTokenService) -> None:
+    from deid import kinds
+
+    first = service.tokenize("email", ["a@example.com"])[0]
+    real = kinds.KINDS["email"].new_tokens
+    calls = []
+
+    def colliding(n: int, canonicals: list[str]) -> list[str]:
+        calls.append(n)
+        return [first] * n if len(calls) == 1 else real(n, canonicals)
+
+    object.__setattr__(kinds.KINDS["email"], "new_tokens", colliding)  # frozen dataclass
+    try:
+        second = service.tokenize("email", ["b@example.com"])[0]
+    finally:
+        object.__setattr__(kinds.KINDS["email"], "new_tokens", real)
+    assert second != first and len(calls) == 2
+    service.store.grant("p", "test")
+    assert service.detokenize([first, second], principal="p") == ["a@example.com",
+                                                                   "b@example.com"]
+
+
+def test_bounded_cache_never_exceeds_capacity() -> None:
+    cache = _BoundedCache(1000)
+    for i in range(0, 50_000, 100):
+        cache.put_many([(j, str(j)) for j in range(i, i + 100)])
+        assert len(cache) <= 1000
+    assert cache.get_many([49_999]) == ["49999"]
+
+
+def test_service_cache_is_bounded(service: VaultTokenService, vault_path: Path) -> None:
+    svc = fresh_service(vault_path, cache_size=100)
+    svc.tokenize("string", [str(i) for i in range(5000)])
+    assert len(svc._token_cache) <= 100
+
+
+def test_vault_unavailable_fails_closed(tmp_path: Path) -> None:
+    from deid.errors import VaultUnavailableError
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(VaultUnavailableError):
+        fresh_service(blocker / "vault.db")
