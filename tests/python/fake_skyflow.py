@@ -116,6 +116,7 @@ class FakeSkyflow:
         self.records: dict[str, dict[str, dict[str, str]]] = {t: {} for t in self.schema}
         self._tokens: dict[tuple[str, str, str], str] = {}  # (table, column, value) -> token
         self._values: dict[str, tuple[str, str, str]] = {}  # token -> (table, column, value)
+        self._index: dict[tuple[str, str, str], str] = {}  # (table, column, value) -> record
         self.faults: dict[str, deque[Fault]] = {}
         self.log: list[Logged] = []
         self.exchanges: list[dict[str, Any]] = []  # verified assertion claims + scope
@@ -203,6 +204,11 @@ class FakeSkyflow:
         with self._lock:
             return len(self.records[table])
 
+    def values(self, table: str, column: str) -> list[str]:
+        """The values stored in one column, one per record holding it."""
+        with self._lock:
+            return [f[column] for f in self.records[table].values() if column in f]
+
     def requests(self, op: str) -> list[Logged]:
         with self._lock:
             return [e for e in self.log if e.op == op]
@@ -273,7 +279,9 @@ class FakeSkyflow:
             return _error(400, f"upsert column {upsert} is not a unique column of {table}")
         out = []
         with self._lock:
+            # All or nothing: stage the batch, commit only when every record is valid.
             staged: dict[str, dict[str, str]] = {}
+            index: dict[tuple[str, str, str], str] = {}
             for rec in records:
                 fields = rec.get("fields") if isinstance(rec, dict) else None
                 if not isinstance(fields, dict) or not fields:
@@ -285,30 +293,32 @@ class FakeSkyflow:
                         return _error(400, f"value {val} of {col} is not a string")
                     if len(val) > 2500:
                         return _error(400, f"value {val} exceeds 2500 characters")
+            for rec in records:
+                fields = rec["fields"]
+
+                def find(col: str, val: str) -> str | None:
+                    key = (table, col, val)
+                    return index.get(key) or self._index.get(key)
+
                 existing = None
                 if upsert is not None and upsert in fields:
-                    existing = self._find(table, upsert, fields[upsert], staged)
+                    existing = find(upsert, fields[upsert])
                 else:
                     for col, val in fields.items():
-                        if self._find(table, col, val, staged) is not None:
+                        if find(col, val) is not None:
                             return _error(409, f"duplicate value {val} for unique column {col}")
                 sid = existing or str(uuid.uuid4())
                 staged.setdefault(sid, dict(self.records[table].get(sid, {}))).update(fields)
+                for col, val in fields.items():
+                    index[(table, col, val)] = sid
                 tokens = {}
                 if body.get("tokenization"):
                     for col, val in fields.items():
                         tokens[col] = self._token(table, col, val)
                 out.append({"skyflow_id": sid, **({"tokens": tokens} if tokens else {})})
             self.records[table].update(staged)
+            self._index.update(index)
         return 200, {"records": out}
-
-    def _find(self, table: str, column: str, value: str,
-              staged: dict[str, dict[str, str]]) -> str | None:
-        for source in (staged, self.records[table]):
-            for sid, fields in source.items():
-                if fields.get(column) == value:
-                    return sid
-        return None
 
     def _token(self, table: str, column: str, value: str) -> str:
         key = (table, column, value)
