@@ -9,9 +9,9 @@
 with
 
 orders as (
-    select * from {{ ref('stg_pharmacy__orders') }}
+    select new_orders.* from {{ ref('stg_pharmacy__orders') }} as new_orders
     {% if is_incremental() %}
-        where ordered_at > (select max(ordered_at) from {{ this }})
+        where new_orders.ordered_at > (select max(built.ordered_at) from {{ this }} as built)
     {% endif %}
 ),
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PARTS = ("dbt_project.yml", "models", "macros", "seeds", "analyses", "tests/generic",
-                 "profiles.yml.example")
+                 "profiles.yml.example", ".sqlfluff")
 
 
 @dataclass

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import duckdb
@@ -39,13 +41,25 @@ except ImportError:  # pragma: no cover - deid can register UDFs without dbt
 _CATALOG = "deid"
 
 
-def register(conn: duckdb.DuckDBPyConnection, service: TokenService, principal: str) -> None:
-    """Register deid.tokenize / deid.detokenize on `conn` (idempotent per connection)."""
+def register(conn: duckdb.DuckDBPyConnection,
+             service: TokenService | Callable[[], TokenService], principal: str) -> None:
+    """Register deid.tokenize / deid.detokenize on `conn` (idempotent per connection).
+
+    `service` may be a factory: the vault is then opened by the first call that needs it, so
+    connecting (dbt parse, compile, lint) never touches the vault, and an unavailable vault
+    fails the query that needed it.
+    """
+    if callable(service) and not hasattr(service, "tokenize"):
+        factory = service
+    else:
+        def factory() -> TokenService:
+            return service  # type: ignore[return-value]
 
     def tokenize(values: pa.Array | pa.ChunkedArray, kinds: pa.Array | pa.ChunkedArray) -> pa.Array:
         distinct = pc.unique(kinds).to_pylist()
         if len(distinct) == 1 and distinct[0] is not None:
-            return pa.array(service.tokenize(distinct[0], values.to_pylist()), type=pa.string())
+            return pa.array(factory().tokenize(distinct[0], values.to_pylist()),
+                            type=pa.string())
         # Several kinds in one vector (kind taken from a column): one call per kind.
         vals, ks = values.to_pylist(), kinds.to_pylist()
         out: list[str | None] = [None] * len(vals)
@@ -55,13 +69,14 @@ def register(conn: duckdb.DuckDBPyConnection, service: TokenService, principal: 
                     raise InvalidKindError("deid.tokenize: the kind argument is NULL")
                 continue
             rows = [i for i, k in enumerate(ks) if k == kind]
-            for i, t in zip(rows, service.tokenize(kind, [vals[i] for i in rows]), strict=True):
+            tokens = factory().tokenize(kind, [vals[i] for i in rows])
+            for i, t in zip(rows, tokens, strict=True):
                 out[i] = t
         return pa.array(out, type=pa.string())
 
     def detokenize(tokens: pa.Array | pa.ChunkedArray) -> pa.Array:
-        return pa.array(service.detokenize(tokens.to_pylist(), principal=principal,
-                                           host="duckdb"), type=pa.string())
+        return pa.array(factory().detokenize(tokens.to_pylist(), principal=principal,
+                                             host="duckdb"), type=pa.string())
 
     _create(conn, "__deid_tokenize", tokenize, [VARCHAR, VARCHAR], side_effects=False)
     # Detokenize audits every call: never constant-folded or deduplicated away.
@@ -89,9 +104,13 @@ class Plugin(BasePlugin):  # type: ignore[misc,valid-type]
         self.principal = str(plugin_config.get("principal") or os.environ.get("DEID_PRINCIPAL")
                              or getpass.getuser())
         self._service: TokenService | None = None
+        self._lock = threading.Lock()
+
+    def service(self) -> TokenService:
+        with self._lock:
+            if self._service is None:
+                self._service = open_service(self.config)
+            return self._service
 
     def configure_connection(self, conn: duckdb.DuckDBPyConnection) -> None:
-        if self._service is None:
-            # Opened lazily: a vault that is unavailable fails the first query that needs it.
-            self._service = open_service(self.config)
-        register(conn, self._service, self.principal)
+        register(conn, self.service, self.principal)

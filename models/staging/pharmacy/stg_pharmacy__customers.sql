@@ -9,7 +9,6 @@ renamed as (
         customer_id,
         full_name,
         email,
-        nullif(trim(phone), '') as phone,
         ssn,
         date_of_birth,
         street_address,
@@ -17,7 +16,8 @@ renamed as (
         state,
         zip,
         region,
-        created_at
+        created_at,
+        nullif(trim(phone), '') as phone
     from source
 )
 

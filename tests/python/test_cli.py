@@ -1,0 +1,91 @@
+"""The `deid` admin CLI: init, grant/revoke, keys rotate/rewrap, audit show/verify, stats."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import open_service_at
+from deid.cli import main
+
+
+@pytest.fixture
+def cli(vault_path: Path):  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    url = f"sqlite:///{vault_path}"
+
+    def run(*args: str, ok: bool = True):  # type: ignore[no-untyped-def]
+        result = runner.invoke(main, [*args[:2], "--vault", url, *args[2:]]
+                               if args[0] in ("keys", "audit") else [*args, "--vault", url])
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+    return run
+
+
+def test_init_creates_vault_and_keys(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = cli("init").output
+    assert "versions [1]" in out and vault_path.exists()
+    assert (vault_path.parent / "vault.db.keys").stat().st_mode & 0o777 == 0o600
+
+
+def test_grant_revoke_and_principals_are_audited(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert "granted" in cli("grant", "pii_reader").output
+    assert "already granted" in cli("grant", "pii_reader").output
+    assert cli("principals").output.startswith("pii_reader\t")
+    assert "revoked" in cli("revoke", "pii_reader").output
+    assert cli("principals").output == ""
+    actions = [json.loads(line)["action"] for line in
+               cli("audit", "show", "--json").output.splitlines()]
+    assert actions == ["grant", "grant", "revoke"]
+    assert "3 records" in cli("audit", "verify").output
+
+
+def test_rotate_then_rewrap_keeps_tokens_and_values(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+    svc = open_service_at(vault_path)
+    tokens = svc.tokenize("email", [f"u{i}@example.com" for i in range(30)])
+    assert "key version 2" in cli("keys", "rotate").output
+    assert "rewrapped 30 values under key version 2" in cli("keys", "rewrap").output
+    assert '{"2": 30}' in cli("keys", "show").output
+    after = open_service_at(vault_path, cache_size=0)
+    assert after.tokenize("email", [f"u{i}@example.com" for i in range(30)]) == tokens
+    after.store.grant("p", "test")
+    assert after.detokenize(tokens, principal="p")[0] == "u0@example.com"
+
+
+def test_audit_verify_fails_on_tampering(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cli("grant", "a")
+    cli("grant", "b")
+    db = sqlite3.connect(vault_path)
+    db.execute("update audit set record = replace(record, '\"a\"', '\"z\"') where seq = 1")
+    db.commit()
+    result = cli("audit", "verify", ok=False)
+    assert result.exit_code != 0
+    assert "record 1 was altered" in str(result.exception or result.output)
+
+
+def test_stats_counts_tokens_without_values(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+    open_service_at(vault_path).tokenize("ssn", ["901-23-4567", "901-23-4568", None])
+    out = cli("stats", "--json").output
+    data = json.loads(out)
+    assert data["tokens"] == {"ssn (ssn)": 2} and "901-23" not in out
+
+
+def test_console_script_reports_errors_in_one_line(vault_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from deid.keys import Keyring
+
+    env = {"DEID_KEYS": Keyring.generate().to_json(), "PATH": ""}
+    proc = subprocess.run([str(Path(sys.executable).with_name("deid")), "keys", "rotate",
+                           "--vault", f"sqlite:///{vault_path}"], env=env, text=True,
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: deid keys: keys come from DEID_KEYS")
+    assert "Traceback" not in proc.stderr
