@@ -1,6 +1,6 @@
-"""End to end: `dbt seed` + `dbt build` on DuckDB with DEID_VAULT=skyflow://… pointed at the
-local Skyflow-shaped server; a granted principal re-identifies, the default one is refused,
-and a second build adds no record to the vault (upsert)."""
+"""End to end: `dbt build` (seeds, models, tests) on DuckDB with DEID_VAULT=skyflow://…
+pointed at the local Skyflow-shaped server; a granted principal re-identifies, the default
+one is refused, and a second run adds no record to the vault (upsert)."""
 
 from __future__ import annotations
 
@@ -64,8 +64,7 @@ def raw(name: str) -> list[dict[str, str]]:
 
 def test_dbt_build_stores_skyflow_tokens_and_reidentifies_through_skyflow(env):
     fake, project = env["fake"], env["project"]
-    project.dbt("seed", "--quiet")
-    project.dbt("build", "--exclude", "resource_type:seed", NOT_FOR_EXTERNAL_TOKENS)
+    project.dbt("build", "--exclude", NOT_FOR_EXTERNAL_TOKENS)  # seeds, models, tests
 
     customers = raw("raw_customers")
     emails = {_kinds.normalize(_kinds.KINDS["email"], r["email"])[0]
