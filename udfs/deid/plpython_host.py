@@ -54,6 +54,7 @@ class _Host:
             " pg_backend_pid() as pid")
         self._statement: str | None = None
         self._service: VaultTokenService | None = None
+        self._logged: str | None = None
 
     def service(self) -> tuple[VaultTokenService, dict[str, Any]]:
         row = self.plpy.execute(self._context)[0]
@@ -64,6 +65,17 @@ class _Host:
                                               detokenize_cache_size=CACHE_SIZE)
             self._statement = row["statement"]
         return self._service, row
+
+
+    def log_detokenize(self, ctx: dict[str, Any]) -> None:
+        """One server-log line per statement that detokenizes. The vault's audit records
+        commit with the caller's transaction, so a client that rolls back erases them; the
+        server log keeps who detokenized, when, in which statement (never a value)."""
+        key = f"{ctx['pid']}@{ctx['statement']}"
+        if key != self._logged:
+            self._logged = key
+            self.plpy.log(f"deid audit: detokenize by principal {ctx['principal']!r} in "
+                          f"statement {key}")
 
 
 def _host(plpy: Any, schema: str) -> _Host:
@@ -99,6 +111,7 @@ def detokenize(plpy: Any, token: str | None, *,
     try:
         host = _host(plpy, vault_schema)
         service, ctx = host.service()
+        host.log_detokenize(ctx)
         return service.detokenize([token], principal=ctx["principal"],
                                   query_id=f"{ctx['pid']}@{ctx['statement']}",
                                   host="postgresql")[0]

@@ -343,6 +343,10 @@ class SpiStore(_PgStore):
         self._plpy = plpy
         self._plans: dict[str, Any] = {}
 
+    def _rows(self, name: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        # One statement is atomic by itself: no subtransaction (they cost more than the read).
+        return self._run(name, args)
+
     def forget_keyring(self) -> None:
         """Drop the cached keys; the next use reads them again (in the current transaction)."""
         with self._keyring_lock:

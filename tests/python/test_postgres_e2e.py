@@ -1,0 +1,254 @@
+"""End to end on a real PostgreSQL with real roles: an admin installs the UDFs with dbt, a
+transformer runs `dbt seed` + `dbt build`, and the warehouse's grants plus the vault's policy
+decide who may detokenize. One throwaway cluster for the module (about 30 s in all)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import pg_cluster
+
+psycopg2 = pytest.importorskip("psycopg2")
+
+from deid import kinds as _kinds  # noqa: E402
+from deid import postgres_store  # noqa: E402
+from deid.vault import open_store  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+DBT = ROOT / ".venv" / "bin" / "dbt"
+ROLES = {  # login -> password (a throwaway cluster on 127.0.0.1)
+    "transformer": "transformer-pw",
+    "analyst": "analyst-pw",
+    "pii_reader": "pii-reader-pw",
+    "ex_reader": "ex-reader-pw",  # granted EXECUTE, but not in the vault's policy
+}
+
+PROFILE = """\
+deid:
+  target: postgres
+  outputs:
+    postgres:
+      type: postgres
+      host: "{{ env_var('PGHOST', 'localhost') }}"
+      port: "{{ env_var('PGPORT', '5432') | as_number }}"
+      user: "{{ env_var('PGUSER') }}"
+      password: "{{ env_var('PGPASSWORD', '') }}"
+      dbname: "{{ env_var('PGDATABASE', 'deid') }}"
+      schema: analytics
+      threads: 2
+"""
+
+
+def python_path() -> list[str]:
+    """Where plpython3u finds deid and its dependency (rendered into the function bodies)."""
+    import cryptography
+
+    return [str(ROOT / "udfs"), str(Path(cryptography.__file__).parents[1])]
+
+
+def dbt_vars() -> str:
+    return json.dumps({
+        "deid_python_path": python_path(),
+        "deid_transformer_roles": ["transformer"],
+        "deid_pii_reader_roles": ["pii_reader", "ex_reader"],
+        "deid_analyst_roles": ["analyst", "pii_reader", "ex_reader"],
+    })
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    reason = pg_cluster.missing_reason()
+    if reason:
+        print(f"skipping PostgreSQL end-to-end tests: {reason}")
+        pytest.skip(reason)
+    if not DBT.exists():
+        pytest.skip(f"dbt not installed at {DBT}")
+    work = tmp_path_factory.mktemp("pg_e2e")
+    (work / "profiles.yml").write_text(PROFILE)
+    cluster = pg_cluster.start()
+    try:
+        setup_roles(cluster)
+        yield {"cluster": cluster, "work": work}
+    finally:
+        pg_cluster.destroy(cluster)
+
+
+def setup_roles(cluster: pg_cluster.Cluster) -> None:
+    """What a DBA does once: logins, a schema for the marts, the right to create `raw`."""
+    sql = [f"create role {r} login password '{pw}'" for r, pw in ROLES.items()]
+    sql += [
+        "grant create on database deid to transformer",
+        "create schema analytics authorization transformer",
+        "grant usage on schema analytics to analyst, pii_reader, ex_reader",
+    ]
+    pg_cluster.admin_sql(cluster, ";\n".join(sql))
+
+
+def dbt(env, user: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cluster, work = env["cluster"], env["work"]
+    password = pg_cluster.ADMIN_PASSWORD if user == pg_cluster.ADMIN else ROLES[user]
+    run_env = {**os.environ, **cluster.env(user, password),
+               "DBT_PROFILES_DIR": str(work), "DBT_TARGET_PATH": str(work / "target"),
+               "DBT_LOG_PATH": str(work / "logs"), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    started = time.monotonic()
+    proc = subprocess.run([str(DBT), *args, "--target", "postgres", "--vars", dbt_vars()],
+                          cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    print(f"dbt {args[0]} as {user}: {time.monotonic() - started:.1f} s")
+    if check and proc.returncode != 0:
+        pytest.fail(f"dbt {' '.join(args)} as {user} failed:\n{proc.stdout[-4000:]}"
+                    f"\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def query(env, user: str, sql: str, args=None) -> list[tuple]:
+    password = pg_cluster.ADMIN_PASSWORD if user == pg_cluster.ADMIN else ROLES[user]
+    conn = psycopg2.connect(env["cluster"].dsn(user, password))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            rows = cur.fetchall() if cur.description else []
+        conn.commit()  # like psql's autocommit: the vault's audit records commit with the query
+        return rows
+    finally:
+        conn.close()
+
+
+def refused(env, user: str, sql: str) -> psycopg2.Error:
+    with pytest.raises(psycopg2.Error) as info:
+        query(env, user, sql)
+    return info.value
+
+
+ACL_SQL = """
+select 'function ' || p.oid::regprocedure::text, coalesce(p.proacl::text, '')
+from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'deid'
+union all
+select 'schema ' || nspname, coalesce(nspacl::text, '') from pg_namespace
+where nspname in ('deid', 'deid_vault', 'raw', 'analytics')
+union all
+select 'table ' || n.nspname || '.' || c.relname, coalesce(c.relacl::text, '')
+from pg_class c join pg_namespace n on n.oid = c.relnamespace
+where n.nspname in ('raw', 'analytics', 'deid_vault') and c.relkind = 'r'
+order by 1
+"""
+
+
+@pytest.fixture(scope="module")
+def built(env):
+    """Install (twice: idempotent), set the vault policy, build (seeds, models, tests)."""
+    dbt(env, pg_cluster.ADMIN, "run-operation", "postgres_install_udfs")
+    acl_first = query(env, pg_cluster.ADMIN, ACL_SQL)
+    dbt(env, pg_cluster.ADMIN, "run-operation", "postgres_install_udfs")
+    assert query(env, pg_cluster.ADMIN, ACL_SQL) == acl_first, "re-install changed grants"
+    store = open_store(env["cluster"].url() + "?schema=deid_vault")
+    store.grant("pii_reader", "e2e test")
+    store.grant("ex_reader", "e2e test")
+    store.revoke("ex_reader")  # removed from the vault policy; still holds EXECUTE
+    store.close()
+    dbt(env, "transformer", "seed")
+    # build = models + their tests; the seeds were just loaded, reloading them costs ~10 s.
+    dbt(env, "transformer", "build", "--exclude", "resource_type:seed")
+    return env
+
+
+def test_transformer_builds_marts_with_tokens_only(built):
+    rows = query(built, "transformer", "select email_token, ssn_token from analytics.dim_customers")
+    assert rows
+    assert all(_kinds.is_token(e, "email") and _kinds.is_token(s, "ssn") for e, s in rows
+               if e is not None and s is not None)
+    raw = {r[0] for r in query(built, "transformer", "select email from raw.raw_customers")}
+    assert not raw & {e for e, _ in rows}
+
+
+def test_transformer_cannot_read_the_vault_or_its_keys(built):
+    err = refused(built, "transformer", "select keys from deid_vault.keyring")
+    assert "permission denied for schema deid_vault" in str(err)
+    err = refused(built, "transformer",
+                  "select deid.detokenize(email_token) from analytics.dim_customers")
+    assert "permission denied for function detokenize" in str(err)
+
+
+def test_analyst_reads_marts_but_not_raw_nor_detokenize(built):
+    assert query(built, "analyst", "select count(*) from analytics.dim_customers")[0][0] > 0
+    assert query(built, "analyst", "select count(*) from analytics.fct_orders")[0][0] > 0
+    err = refused(built, "analyst", "select * from raw.raw_customers")
+    assert "permission denied" in str(err)
+    err = refused(built, "analyst",
+                  "select deid.detokenize(email_token) from analytics.dim_customers")
+    assert "permission denied for function detokenize" in str(err)
+    err = refused(built, "analyst", "select deid.tokenize('probe@example.com', 'email')")
+    assert "permission denied for function tokenize" in str(err)
+    assert "permission denied for schema deid_vault" in str(
+        refused(built, "analyst", "select * from deid_vault.tokens"))
+
+
+def test_pii_reader_gets_the_original_values(built):
+    got = query(built, "pii_reader",
+                "select deid.detokenize(customer_key), deid.detokenize(email_token), "
+                "deid.detokenize(ssn_token) from analytics.dim_customers")
+    raw = {str(cid): (email, ssn) for cid, email, ssn in query(
+        built, pg_cluster.ADMIN, "select customer_id, email, ssn from raw.raw_customers")}
+    assert len(got) == len(raw)
+    for cid, email, ssn in got:
+        raw_email, raw_ssn = raw[cid]
+        expect_email = None if raw_email is None else _kinds.normalize(
+            _kinds.parse_kind("email").kind, raw_email)[0]
+        expect_ssn = None if raw_ssn is None else _kinds.normalize(
+            _kinds.parse_kind("ssn").kind, raw_ssn)[0]
+        assert (email, ssn) == (expect_email, expect_ssn)
+    store = open_store(built["cluster"].url() + "?schema=deid_vault")
+    try:
+        last = list(store.audit_records())[-1]
+    finally:
+        store.close()
+    assert (last["principal"], last["outcome"], last["host"]) == (
+        "pii_reader", "allowed", "postgresql")
+
+
+def test_execute_without_vault_policy_is_still_refused(built):
+    err = refused(built, "ex_reader",
+                  "select deid.detokenize(email_token) from analytics.dim_customers")
+    assert err.pgcode == "42501"
+    assert "not in the vault's detokenize policy" in str(err)
+    assert "ex_reader" in str(err)
+
+
+def test_rebuild_keeps_grants_and_tokens(built):
+    tables = ["dim_customers", "fct_orders", "fct_prescriptions", "fct_payments"]
+    before = {t: sorted(map(repr, query(built, pg_cluster.ADMIN,
+                                          f"select * from analytics.{t}"))) for t in tables}
+    acl = query(built, pg_cluster.ADMIN, ACL_SQL)
+    dbt(built, "transformer", "build", "--exclude", "resource_type:seed", "resource_type:test")
+    assert query(built, pg_cluster.ADMIN, ACL_SQL) == acl
+    for t in tables:
+        after = sorted(map(repr, query(built, pg_cluster.ADMIN, f"select * from analytics.{t}")))
+        assert after == before[t], f"{t} changed on a rebuild"
+
+
+def test_vault_ddl_in_dbt_matches_the_store(built):
+    pg_cluster.admin_sql(built["cluster"], postgres_store.vault_ddl("ddl_check"))
+    cols = """select table_name, column_name, data_type, is_nullable
+              from information_schema.columns where table_schema = %s order by 1, 2"""
+    assert query(built, pg_cluster.ADMIN, cols, ("deid_vault",)) == query(
+        built, pg_cluster.ADMIN, cols, ("ddl_check",))
+
+
+def test_no_raw_value_in_compiled_sql_or_logs(built):
+    emails = [r[0] for r in query(built, pg_cluster.ADMIN,
+                                  "select email from raw.raw_customers where email is not null "
+                                  "limit 20")]
+    texts = [p.read_text(errors="replace") for d in ("target", "logs")
+             for p in (built["work"] / d).rglob("*") if p.is_file()
+             and p.suffix in (".sql", ".log", ".json") and "seeds" not in p.parts]
+    assert texts
+    leaked = [e for e in emails if any(e in t for t in texts)]
+    assert not leaked, f"{len(leaked)} raw emails found in target/ or logs/"
