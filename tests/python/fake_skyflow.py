@@ -464,7 +464,8 @@ def main() -> None:  # pragma: no cover - a manual convenience
     args = ap.parse_args()
     fake = FakeSkyflow().start(args.port)
     fake.write_credentials(args.credentials)
-    print(f"DEID_VAULT='{fake.vault_url(credentials=str(args.credentials), policy='skyflow')}'")
+    print(f"DEID_VAULT='{fake.vault_url(credentials=str(args.credentials), policy='skyflow')}'",
+          flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
