@@ -168,6 +168,7 @@ def test_a_refused_service_account_key_fails_with_the_status(make, fake, tmp_pat
     doc = json.loads(fake.credentials_json(sa))
     path = tmp_path / "stranger.json"
     path.write_text(json.dumps(doc))
+    path.chmod(0o600)
     svc = make(credentials=path)
     with pytest.raises(VaultUnavailableError, match="token exchange failed: HTTP 401") as e:
         svc.tokenize("email", ["a@example.com"])
@@ -190,6 +191,7 @@ def test_roles_scope_tokens_to_least_privilege(fake, tmp_path, make):
                                          "r_detok": {"detokenize"}})
     path = tmp_path / "roles.json"
     path.write_text(fake.credentials_json(sa))
+    path.chmod(0o600)
     svc = make(credentials=path, tokenize_role="r_tok", detokenize_role="r_detok")
     tokens = svc.tokenize("email", EMAILS[:2])
     assert svc.detokenize(tokens, principal="p") == EMAILS[:2]
@@ -216,13 +218,21 @@ def test_credentials_from_aws_secrets_manager(fake, monkeypatch):
     assert sa.private_pem not in repr(creds)
 
 
+def test_a_credentials_file_others_can_read_is_refused(fake, creds):
+    creds.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        skyflow.load_credentials(str(creds))
+
+
 def test_credentials_file_errors_name_the_file_not_its_content(tmp_path):
     bad = tmp_path / "c.json"
+    bad.touch(mode=0o600)
     bad.write_text('{"clientID": "x", "privateKey": "-----BEGIN PRIVATE KEY-----secret"}')
     with pytest.raises(ConfigError, match="clientID, keyID, tokenURI") as e:
         skyflow.load_credentials(str(bad))
     assert "secret" not in str(e.value)
     plain = tmp_path / "p.json"
+    plain.touch(mode=0o600)
     plain.write_text(json.dumps({"clientID": "a", "keyID": "b", "privateKey": "k",
                                  "tokenURI": "http://manage.skyflowapis.com/v1/auth"}))
     with pytest.raises(ConfigError, match="https"):
@@ -356,6 +366,12 @@ def test_retry_after_is_capped(make, fake):
     start = time.monotonic()
     make(retries=3, max_retry_after=0.2).tokenize("email", EMAILS[:1])
     assert time.monotonic() - start < 5
+
+
+def test_a_concurrent_writer_conflict_409_is_retried(make, fake):
+    fake.inject("insert", status=409)
+    assert make(retries=2).tokenize("email", EMAILS[:2])[0]
+    assert [e.status for e in fake.requests("insert")] == [409, 200]
 
 
 def test_5xx_then_success(make, fake):

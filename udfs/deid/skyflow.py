@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import re
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -84,6 +85,7 @@ DEFAULT_MAPPING: dict[str, tuple[str, str]] = {
     "string": ("deid_strings", "value"),
 }
 
+_RETRY_STATUSES = (409, 429, 500, 502, 503, 504)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _VAULT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
@@ -366,10 +368,15 @@ def load_credentials(spec: str) -> Credentials:
         return Credentials.from_json(text, f"environment variable {name}")
     path = Path(spec)
     try:
+        mode = path.stat().st_mode
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"deid skyflow: cannot read the credentials file {path} "
                           f"({exc.__class__.__name__})") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        # The same rule as deid's key files: a private key others can read is not private.
+        raise ConfigError(f"deid skyflow: the credentials file {path} is readable by group or "
+                          f"others; run: chmod 600 {path}")
     return Credentials.from_json(text, f"credentials file {path}")
 
 
@@ -548,7 +555,9 @@ class SkyflowClient:
             total=settings.retries, connect=settings.retries, read=settings.retries,
             status=settings.retries, other=0,
             backoff_factor=settings.backoff, backoff_max=max(settings.backoff * 16, 1.0),
-            status_forcelist=(429, 500, 502, 503, 504),
+            # 409: two writers upserting one new value at once (two dbt models tokenizing
+            # the same customer ids); the retry finds the record and updates it.
+            status_forcelist=_RETRY_STATUSES,
             # Every call is idempotent: insert upserts on a unique column, the rest read.
             allowed_methods=frozenset({"POST"}),
             respect_retry_after_header=True, raise_on_status=False,
@@ -587,13 +596,13 @@ class SkyflowClient:
                 raise PermissionDeniedError(
                     f"{what}: Skyflow refused the service account ({detail}); check its "
                     "roles and the vault's policies")
-            if status == 404 and path.endswith("/detokenize"):
+            if status in (400, 404) and path.endswith("/detokenize"):
                 raise UnknownTokenError(
                     f"{what}: Skyflow does not hold a token of the batch ({detail}; the "
                     "token is not shown)")
             raise VaultUnavailableError(f"{what}: Skyflow answered {detail}"
-                                        + (" after retries" if status in (429, 500, 502, 503,
-                                                                          504) else ""))
+                                        + (" after retries" if status in _RETRY_STATUSES
+                                           else ""))
         try:
             doc = resp.json()
         except ValueError:
