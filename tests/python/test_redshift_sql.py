@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from deid import kinds
 from deid.lambda_handler import LAMBDA_PAYLOAD_LIMIT, _dumps, _wire_size
@@ -87,11 +88,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             ignore=shutil.ignore_patterns("python", "__pycache__"))
     (dest / "profiles.yml").write_text(PROFILES)
     (dest / "macros" / "zz_offline_is_incremental.sql").write_text(OFFLINE_IS_INCREMENTAL)
-    project_yml = (dest / "dbt_project.yml").read_text()
-    if "redshift_grants_extended" not in project_yml:
-        # Roles in dbt's grants config on Redshift need this behavior flag (docs/redshift.md).
-        (dest / "dbt_project.yml").write_text(
-            project_yml + "\nflags:\n  redshift_grants_extended: true\n")
+    # Roles in dbt's grants config on Redshift need this behavior flag (docs/redshift.md).
+    config = yaml.safe_load((dest / "dbt_project.yml").read_text())
+    config.setdefault("flags", {})["redshift_grants_extended"] = True
+    (dest / "dbt_project.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     return dest
 
 
