@@ -81,6 +81,7 @@ class Fault:
     record_error: int | None = None  # answer 200 but put "error" on this record index
     apply_first: bool = False  # perform the operation, then answer `status` (lost reply)
     drop_records: int = 0  # answer 200 with this many records missing from the end
+    location: str | None = None  # a Location header (redirects)
 
 
 @dataclass
@@ -444,6 +445,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status, payload = _error(fault.status, "injected fault")
                 if fault.retry_after is not None:
                     headers["Retry-After"] = fault.retry_after
+                if fault.location is not None:
+                    headers["Location"] = fault.location
             elif fault.raw is not None and status == 200:
                 payload = fault.raw
             elif fault.record_error is not None and status == 200:

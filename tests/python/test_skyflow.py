@@ -399,6 +399,13 @@ def test_timeout_fails_the_batch(make, fake):
     assert time.monotonic() - start < 3
 
 
+def test_a_redirect_is_not_followed_with_the_bearer_token(make, fake):
+    fake.inject("insert", status=307, location=fake.url + "/v1/vaults/elsewhere/persons")
+    with pytest.raises(VaultUnavailableError, match="HTTP 307"):
+        make().tokenize("email", EMAILS[:1])
+    assert [e.op for e in fake.log] == ["token", "insert"], "the redirect was not followed"
+
+
 def test_a_per_record_error_with_http_200_fails_the_batch(make, fake):
     fake.inject("insert", record_error=1)
     with pytest.raises(VaultUnavailableError, match="record 2") as e:

@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 # The skyflow extra (deid[skyflow]); vault._load turns a missing one into a ConfigError.
 import jwt
 import requests
+import requests.auth
 from requests.adapters import HTTPAdapter
 from urllib3 import exceptions as urllib3_exc
 from urllib3.util.retry import Retry
@@ -53,7 +54,6 @@ from .errors import (
     UnknownTokenError,
     VaultUnavailableError,
 )
-from .service import _BoundedCache
 from .store import VaultStore
 
 log = logging.getLogger("deid.skyflow")
@@ -225,7 +225,7 @@ def parse_url(url: str, *, cache_size: int = 1_000_000) -> SkyflowSettings:
     mapping = load_mapping(_one(params, "mapping"))
     if mode == "lookup" and _one(params, "mapping") is None:
         raise ConfigError("deid skyflow: mode=lookup needs a mapping file that names each "
-                              "kind's column_group")
+                          "kind's column_group")
     read_timeout = _number(params, "timeout", DEFAULT_READ_TIMEOUT, lo=0.01, hi=900)
     return SkyflowSettings(
         vault_url=f"{scheme}://{netloc}/v1/vaults/{vault_id}",
@@ -452,7 +452,8 @@ class TokenProvider:
         if scope:
             body["scope"] = scope
         try:
-            resp = self._session.post(c.token_uri, json=body, timeout=self._timeout)
+            resp = self._session.post(c.token_uri, json=body, timeout=self._timeout,
+                                      allow_redirects=False)
         except requests.RequestException as exc:
             raise VaultUnavailableError(
                 f"deid skyflow: the token exchange failed ({_transport(exc)}); check "
@@ -492,6 +493,18 @@ class TokenProvider:
 
 # ---------------------------------------------------------------------------------------
 # HTTP
+
+
+class _Bearer(requests.auth.AuthBase):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers["Authorization"] = f"Bearer {self._token}"
+        return r
+
+    def __repr__(self) -> str:  # never print the token
+        return "_Bearer(…)"
 
 
 def _retry_class(cap: float) -> type[Retry]:
@@ -577,8 +590,10 @@ class SkyflowClient:
         for attempt in (1, 2):
             bearer = self.tokens.bearer(scope, ctx)
             try:
+                # auth= (not a header) so a ~/.netrc entry can never replace the bearer
+                # token; no redirects, so the token never follows a 3xx elsewhere.
                 resp = self.session.post(url, json=body, timeout=self.timeout,
-                                         headers={"Authorization": f"Bearer {bearer}"})
+                                         auth=_Bearer(bearer), allow_redirects=False)
             except requests.RequestException as exc:
                 raise VaultUnavailableError(
                     f"{what}: Skyflow {_transport(exc)} after {self.settings.retries} "
@@ -621,6 +636,44 @@ class SkyflowClient:
 # the token service
 
 
+class _TokenCache:
+    """(domain, kind, raw value) → token, two generations, at most `capacity` entries.
+
+    Only tokens are cached: a token is what the warehouse stores anyway. Values are never
+    cached, so every detokenize reaches Skyflow (and its per-user policies and audit).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._half = max(capacity // 2, 0)
+        self._hot: dict[Any, str] = {}
+        self._cold: dict[Any, str] = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[Any]) -> list[str | None]:
+        hot, cold = self._hot, self._cold
+        out: list[str | None] = []
+        promote = []
+        for k in keys:
+            v = hot.get(k) if k is not None else None
+            if v is None and k is not None:
+                v = cold.get(k)
+                if v is not None:
+                    promote.append((k, v))
+            out.append(v)
+        if promote:
+            self.put_many(promote)
+        return out
+
+    def put_many(self, items: Sequence[tuple[Any, str]]) -> None:
+        if self._half == 0:
+            return
+        with self._lock:
+            for k, v in items:
+                self._hot[k] = v
+                if len(self._hot) >= self._half:
+                    self._cold, self._hot = self._hot, {}
+
+
 def _malformed(what: str, reason: str) -> VaultUnavailableError:
     return VaultUnavailableError(f"{what}: malformed Skyflow response: {reason} "
                                  "(nothing from the batch was used)")
@@ -641,7 +694,7 @@ class SkyflowTokenService:
 
             self._policy = open_store(settings.policy)
         self._keyring = self._policy.keyring() if self._policy is not None else None
-        self._cache = _BoundedCache(settings.cache_size)
+        self._cache = _TokenCache(settings.cache_size)
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency,
                                         thread_name_prefix="deid-skyflow")
 
