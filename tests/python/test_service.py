@@ -276,12 +276,13 @@ def test_token_collisions_are_retried(service: VaultTokenService) -> None:
                                                                    "b@example.com"]
 
 
-def test_bounded_cache_never_exceeds_capacity() -> None:
+def test_bounded_cache_never_exceeds_capacity_and_keeps_recent_entries() -> None:
     cache = _BoundedCache(1000)
     for i in range(0, 50_000, 100):
-        cache.put_many([(j, str(j)) for j in range(i, i + 100)])
+        cache.store("ns", [(j, str(j)) for j in range(i, i + 100)])
         assert len(cache) <= 1000
-    assert cache.get_many([49_999]) == ["49999"]
+    assert cache.lookup("ns", [49_999, 0, None]) == ["49999", None, None]
+    assert cache.lookup("other", [49_999]) == [None]  # namespaces never mix
 
 
 def test_service_cache_is_bounded(service: VaultTokenService, vault_path: Path) -> None:
@@ -297,3 +298,17 @@ def test_vault_unavailable_fails_closed(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(VaultUnavailableError):
         fresh_service(blocker / "vault.db")
+
+
+def test_sqlite_url_parameters(tmp_path: Path) -> None:
+    from deid.errors import ConfigError
+    from deid.sqlite_store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}?synchronous=normal&cache_mib=8")
+    db = store._db()
+    assert db.execute("pragma synchronous").fetchall() == [(1,)]  # NORMAL
+    assert db.execute("pragma cache_size").fetchall() == [(-8192,)]
+    with pytest.raises(ConfigError, match="unknown SQLite vault parameter"):
+        open_store(f"sqlite:///{tmp_path / 'p.db'}?journal=off")
+    with pytest.raises(ConfigError, match="synchronous must be"):
+        open_store(f"sqlite:///{tmp_path / 'p.db'}?synchronous=off")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigError, VaultKeyError
@@ -130,8 +131,6 @@ class Keyring:
         if aead is None:
             raise VaultKeyError(f"deid keys: key version {version} is not in {self.source}; "
                                 "restore it (rotation keeps old versions for this reason)")
-        from cryptography.exceptions import InvalidTag
-
         try:
             raw = aead.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(token, version))
         except InvalidTag:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
 from . import kinds as _kinds
@@ -30,6 +30,12 @@ DEFAULT_CACHE_SIZE = 1_000_000
 _MAX_COLLISION_RETRIES = 8
 
 
+def _first_row(tokens: list[str | None], bad: list[Any]) -> int:
+    """1-based row of the first bad token, for an error message that names no token."""
+    wanted = set(bad)
+    return next(i for i, t in enumerate(tokens) if t in wanted) + 1
+
+
 class TokenService(Protocol):
     """What a UDF host needs. Implemented by `VaultTokenService` and by external vaults."""
 
@@ -41,52 +47,52 @@ class TokenService(Protocol):
 
 
 class _BoundedCache:
-    """A two-generation cache: O(1) get/put, memory bounded by `capacity` entries.
+    """Two generations of ``{namespace: {key: value}}``, at most `capacity` entries in all.
 
-    Cheaper than an LRU's per-hit reordering on the UDF hot path; entries used in the last
-    generation survive a rollover.
+    Lookups are one C-level ``map(dict.get, keys)`` on the hot path; when the newer
+    generation fills up it becomes the older one and the oldest is dropped, so entries used
+    since the last rollover survive and memory never exceeds the bound.
     """
 
-    __slots__ = ("_cold", "_half", "_hot", "_lock")
+    __slots__ = ("_cold", "_half", "_hot", "_hot_size", "_lock")
 
     def __init__(self, capacity: int) -> None:
         self._half = max(capacity // 2, 0)
-        self._hot: dict[Any, str] = {}
-        self._cold: dict[Any, str] = {}
+        self._hot: dict[Hashable, dict[Any, str]] = {}
+        self._cold: dict[Hashable, dict[Any, str]] = {}
+        self._hot_size = 0
         self._lock = threading.Lock()
 
-    def get_many(self, keys: Sequence[Any]) -> list[str | None]:
-        hot, cold = self._hot, self._cold
-        out: list[str | None] = []
-        promote = []
-        for k in keys:
-            v = hot.get(k)
-            if v is None:
-                v = cold.get(k)
-                if v is not None:
-                    promote.append((k, v))
-            out.append(v)
-        if promote:
-            self.put_many(promote)
+    def lookup(self, namespace: Hashable, keys: list[Any]) -> list[str | None]:
+        hot = self._hot.get(namespace)
+        out: list[str | None] = list(map(hot.get, keys)) if hot else [None] * len(keys)
+        cold = self._cold.get(namespace)
+        if cold and out.count(None) > keys.count(None):
+            promote = []
+            for i, (k, v) in enumerate(zip(keys, out, strict=True)):
+                if v is None and k is not None:
+                    v = cold.get(k)
+                    if v is not None:
+                        out[i] = v
+                        promote.append((k, v))
+            self.store(namespace, promote)
         return out
 
-    def put_many(self, items: Sequence[tuple[Any, str]]) -> None:
-        if self._half == 0:
+    def store(self, namespace: Hashable, items: Sequence[tuple[Any, str]]) -> None:
+        if self._half == 0 or not items:
             return
         with self._lock:
-            hot = self._hot
+            hot = self._hot.setdefault(namespace, {})
             for k, v in items:
+                if k not in hot:
+                    self._hot_size += 1
                 hot[k] = v
-                if len(hot) >= self._half:
-                    self._cold, self._hot = hot, {}
-                    hot = self._hot
-
-    def clear(self) -> None:
-        with self._lock:
-            self._hot, self._cold = {}, {}
+                if self._hot_size >= self._half:
+                    self._cold, self._hot, self._hot_size = self._hot, {}, 0
+                    hot = self._hot.setdefault(namespace, {})
 
     def __len__(self) -> int:
-        return len(self._hot) + len(self._cold)
+        return sum(map(len, self._hot.values())) + sum(map(len, self._cold.values()))
 
 
 class VaultTokenService:
@@ -98,7 +104,7 @@ class VaultTokenService:
     """
 
     def __init__(self, store: VaultStore, *, cache_size: int = DEFAULT_CACHE_SIZE,
-                 detokenize_cache_size: int = 100_000) -> None:
+                 detokenize_cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.store = store
         self.keyring = store.keyring()
         self._token_cache = _BoundedCache(cache_size)
@@ -109,15 +115,16 @@ class VaultTokenService:
     def tokenize(self, kind: str, values: Sequence[str | None], *,
                  column: str | None = None) -> list[str | None]:
         spec = _kinds.parse_kind(kind)
-        # Cache keys carry the domain: one raw value may have different tokens per domain.
-        keys = [(spec.domain, spec.name, v) if v is not None else None for v in values]
-        out = self._token_cache.get_many(keys)
+        values = values if isinstance(values, list) else list(values)
+        # One cache namespace per domain and kind: a value has one token per domain.
+        namespace = (spec.domain, spec.name)
+        out = self._token_cache.lookup(namespace, values)
+        if out.count(None) == values.count(None):
+            return out  # every non-NULL value was cached: the steady-state fast path
         pending: dict[str, list[int]] = {}
         for i, (v, t) in enumerate(zip(values, out, strict=True)):
             if t is None and v is not None:
                 pending.setdefault(v, []).append(i)
-        if not pending:
-            return out
         if any(not isinstance(v, str) for v in pending):
             row = next(i for i, v in enumerate(values) if v is not None and not isinstance(v, str))
             raise InvalidValueError(spec.name, "is not text", row=row + 1, column=column)
@@ -141,10 +148,10 @@ class VaultTokenService:
         for match_key, (_canonical, raws) in by_match.items():
             token = tokens_by_match[match_key]
             for raw in raws:
-                learned.append(((spec.domain, spec.name, raw), token))
+                learned.append((raw, token))
                 for i in pending[raw]:
                     out[i] = token
-        self._token_cache.put_many(learned)
+        self._token_cache.store(namespace, learned)
         return out
 
     def _tokens_for(self, spec: _kinds.KindSpec,
@@ -181,47 +188,50 @@ class VaultTokenService:
 
     def detokenize(self, tokens: Sequence[str | None], *, principal: str,
                    query_id: str | None = None, host: str | None = None) -> list[str | None]:
-        present = [t for t in tokens if t is not None]
+        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        counts = Counter(tokens)  # the work below is per distinct token, not per row
+        counts.pop(None, None)
+        distinct = list(counts)
+        values = dict(zip(distinct, self._value_cache.lookup("values", distinct), strict=True))
         kinds: Counter[str] = Counter()
-        bad_row = None
-        for i, t in enumerate(tokens):
-            if t is None:
-                continue
-            k = _kinds.kind_of_token(t) if isinstance(t, str) else None
+        malformed = []
+        for t, n in counts.items():
+            # A cached token was validated when it was fetched: only its kind is needed.
+            k = _kinds.kind_of_token(t, validate=values[t] is None) \
+                if isinstance(t, str) else None
             if k is None:
-                bad_row = bad_row or i + 1
+                malformed.append(t)
             else:
-                kinds[k.name] += 1
+                kinds[k.name] += n
         allowed = self.store.is_allowed(principal)
         outcome = "allowed" if allowed else "denied"
-        if allowed and bad_row is not None:
+        if allowed and malformed:
             outcome = "rejected"
-        if present or not allowed:  # an all-NULL batch reveals nothing: no record needed
-            self.audit("detokenize", principal, outcome, count=len(present), kinds=kinds,
-                       query_id=query_id, host=host)
+        if counts or not allowed:  # an all-NULL batch reveals nothing: no record needed
+            self.audit("detokenize", principal, outcome, count=sum(counts.values()),
+                       kinds=kinds, query_id=query_id, host=host)
         if not allowed:
             raise PermissionDeniedError(
                 f"deid.detokenize: permission denied: principal {principal!r} is not in the "
                 "vault's detokenize policy (ask a vault admin: deid grant <principal>)")
-        if bad_row is not None:
+        if malformed:
             raise UnknownTokenError(
-                f"deid.detokenize: row {bad_row} of the batch is not a deid token "
-                "(the input is not shown)")
+                f"deid.detokenize: row {_first_row(tokens, malformed)} of the batch is not a "
+                "deid token (the input is not shown)")
 
-        out = self._value_cache.get_many(tokens)
-        need = list({t for t, v in zip(tokens, out, strict=True) if v is None and t is not None})
+        need = [t for t, v in values.items() if v is None]
         if need:
             stored = self.store.fetch_values(need)
-            values = {t: self._decrypt(t, stored[t]) for t in need if t in stored}
-            if len(values) != len(need):
-                row = next(i for i, t in enumerate(tokens) if t in set(need) - values.keys())
+            unknown = [t for t in need if t not in stored]
+            if unknown:
                 raise UnknownTokenError(
-                    f"deid.detokenize: row {row + 1} of the batch holds a token this vault "
-                    "never issued (forged, truncated, or from another vault; not shown)")
-            self._value_cache.put_many(list(values.items()))
-            out = [values.get(t, v) if t is not None and v is None else v
-                   for t, v in zip(tokens, out, strict=True)]
-        return out
+                    f"deid.detokenize: row {_first_row(tokens, unknown)} of the batch holds a "
+                    "token this vault never issued (forged, truncated, or from another vault; "
+                    "not shown)")
+            fetched = [(t, self._decrypt(t, stored[t])) for t in need]
+            values.update(fetched)
+            self._value_cache.store("values", fetched)
+        return list(map(values.get, tokens))
 
     def _decrypt(self, token: str, value: StoredValue) -> str:
         try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import keys as _keys
-from .errors import VaultKeyError, VaultUnavailableError
+from .errors import ConfigError, VaultKeyError, VaultUnavailableError
 from .store import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
 
 _SCHEMA_VERSION = "1"
@@ -55,10 +55,16 @@ def _now() -> str:
 
 
 class SQLiteStore(VaultStore):
-    def __init__(self, path: Path, *, busy_timeout_s: float = 60.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 60.0,
+                 synchronous: str = "full", cache_mib: int = 64) -> None:
+        if synchronous not in ("full", "normal"):
+            raise ConfigError("deid vault: synchronous must be 'full' (every commit reaches the "
+                              "disk) or 'normal' (survives a process crash, not a power loss)")
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self._timeout = busy_timeout_s
+        self._synchronous = synchronous
+        self._cache_kib = int(cache_mib) * 1024
         self._local = threading.local()
         self._keyring: _keys.Keyring | None = None
         self._keyring_lock = threading.Lock()
@@ -86,8 +92,11 @@ class SQLiteStore(VaultStore):
                 db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
                                      check_same_thread=True)
                 db.execute("pragma journal_mode=wal")
-                # FULL: a token that reached a mart must never be lost from the vault.
-                db.execute("pragma synchronous=full")
+                # FULL (default): a token that reached a mart must never be lost from the
+                # vault, and an audit record is on disk before the values it covers leave.
+                db.execute(f"pragma synchronous={self._synchronous}")
+                # The page cache is part of the memory bound: fixed, not grown with the vault.
+                db.execute(f"pragma cache_size=-{self._cache_kib}")
                 db.execute("pragma foreign_keys=on")
             except sqlite3.Error as exc:
                 raise VaultUnavailableError(
@@ -274,6 +283,19 @@ class SQLiteStore(VaultStore):
 
 
 def open_store(url: str) -> SQLiteStore:
+    """``sqlite:///path[?synchronous=full|normal&cache_mib=64]``."""
+    from urllib.parse import parse_qs, urlsplit
+
     from .vault import sqlite_path
 
-    return SQLiteStore(sqlite_path(url))
+    params = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+    unknown = set(params) - {"synchronous", "cache_mib"}
+    if unknown:
+        raise ConfigError(f"deid vault: unknown SQLite vault parameter(s) {sorted(unknown)}; "
+                          "expected synchronous, cache_mib")
+    try:
+        cache_mib = int(params.get("cache_mib", 64))
+    except ValueError:
+        raise ConfigError("deid vault: cache_mib must be an integer (MiB)") from None
+    return SQLiteStore(sqlite_path(url), synchronous=params.get("synchronous", "full").lower(),
+                       cache_mib=cache_mib)

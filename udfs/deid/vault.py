@@ -44,7 +44,7 @@ class VaultConfig:
 
     url: str = DEFAULT_VAULT
     cache_size: int = DEFAULT_CACHE_SIZE
-    detokenize_cache_size: int = 100_000
+    detokenize_cache_size: int = DEFAULT_CACHE_SIZE
 
     @classmethod
     def from_env(cls, overrides: dict[str, Any] | None = None) -> VaultConfig:
@@ -55,7 +55,7 @@ class VaultConfig:
                                                               DEFAULT_CACHE_SIZE))),
             detokenize_cache_size=int(o.get("detokenize_cache_size",
                                             os.environ.get("DEID_DETOKENIZE_CACHE_SIZE",
-                                                           100_000))),
+                                                           DEFAULT_CACHE_SIZE))),
         )
 
 
@@ -98,7 +98,7 @@ def sqlite_path(url: str) -> Path:
     """``sqlite:///rel`` → rel, ``sqlite:////abs`` → /abs; a bare path is taken as is."""
     if "://" not in url:
         return Path(url)
-    parts = urlsplit(url)
+    parts = urlsplit(url)  # the query (vault parameters) is not part of the path
     if parts.netloc or not parts.path.startswith("/"):
         raise ConfigError("deid vault: an SQLite URL is sqlite:///relative/path or "
                           "sqlite:////absolute/path")
