@@ -14,6 +14,12 @@
         {{ exceptions.raise_compiler_error("deid: each deid_python_path entry must be an absolute directory path without '$'") }}
     {%- endif -%}
 {%- endfor -%}
+{%- if execute -%}
+    {%- set who = run_query("select rolsuper from pg_catalog.pg_roles where rolname = current_user") -%}
+    {%- if not who.columns[0].values()[0] -%}
+        {{ exceptions.raise_compiler_error("deid: creating deid.tokenize / deid.detokenize needs a PostgreSQL superuser (plpython3u is an untrusted language); run `dbt run-operation postgres_install_udfs` once as one, and keep deid_manage_udfs false for the transformer") }}
+    {%- endif -%}
+{%- endif %}
 create extension if not exists plpython3u;
 do $deid_role$
 begin

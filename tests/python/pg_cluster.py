@@ -123,10 +123,13 @@ def start(root: Path | None = None, *, database: str = "deid") -> Cluster:
     root.chmod(0o700)
     pwfile.chmod(0o600)
     run = cluster._server_cmd
-    subprocess.run(run([str(bindir / "initdb"), "-D", str(cluster.data), "-U", ADMIN,
-                        "--pwfile", str(pwfile), "-E", "UTF8", "--locale=C.UTF-8",
-                        "--auth-local=trust", "--auth-host=scram-sha-256"]),
-                   env=cluster._server_env(), capture_output=True, check=True)
+    proc = subprocess.run(run([str(bindir / "initdb"), "-D", str(cluster.data), "-U", ADMIN,
+                               "--pwfile", str(pwfile), "-E", "UTF8", "--locale=C.UTF-8",
+                               "--auth-local=trust", "--auth-host=scram-sha-256"]),
+                          env=cluster._server_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"initdb failed (the cluster's parent directories must be "
+                           f"traversable by its OS user): {proc.stderr.strip()}")
     pwfile.unlink()
     opts = (f"-p {cluster.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=40 "

@@ -252,3 +252,13 @@ def test_no_raw_value_in_compiled_sql_or_logs(built):
     assert texts
     leaked = [e for e in emails if any(e in t for t in texts)]
     assert not leaked, f"{len(leaked)} raw emails found in target/ or logs/"
+
+
+def test_server_log_records_detokenize_without_values(built):
+    # After the refusal above and the reads above (pytest runs this file in order).
+    log = (built["cluster"].root / "server.log").read_text(errors="replace")
+    assert "deid audit: detokenize by principal 'pii_reader'" in log
+    assert "deid audit: detokenize denied by the vault policy for principal 'ex_reader'" in log
+    emails = [r[0] for r in query(built, pg_cluster.ADMIN,
+                                  "select email from raw.raw_customers where email is not null")]
+    assert not [e for e in emails if e in log]
