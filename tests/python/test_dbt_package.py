@@ -1,0 +1,88 @@
+"""deid works as a `local:` package of another dbt project: macros, plugin, guard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dbt_project_copy import copy_project
+
+CONSUMER_PROJECT = """
+name: clinic
+version: "1.0.0"
+config-version: 2
+profile: clinic
+models:
+  clinic:
+    +materialized: table
+    +post-hook: ["{{ deid.pii_guard() }}"]
+  deid:
+    +enabled: false
+seeds:
+  deid:
+    +enabled: false
+"""
+
+PROFILE = """
+clinic:
+  target: dev
+  outputs:
+    dev:
+      type: duckdb
+      path: "{path}/clinic.duckdb"
+      plugins:
+        - module: deid.duckdb_plugin
+          config: {{vault: "sqlite:///{path}/vault/vault.db", principal: builder}}
+"""
+
+SOURCES = """
+version: 2
+sources:
+  - name: intake
+    schema: main
+    tables:
+      - name: patients
+        columns:
+          - name: email
+            config: {meta: {pii: email}}
+models:
+  - name: patients_clean
+    columns:
+      - name: email_token
+        config: {meta: {deid: {tokenized: email}}}
+      - name: visits
+"""
+
+
+def test_consumer_project_tokenizes_through_the_local_package(tmp_path: Path) -> None:
+    package = copy_project(tmp_path / "deid")
+    consumer = tmp_path / "clinic"
+    (consumer / "models").mkdir(parents=True)
+    (consumer / "dbt_project.yml").write_text(CONSUMER_PROJECT)
+    (consumer / "packages.yml").write_text(f"packages:\n  - local: {package.path}\n")
+    (consumer / "profiles.yml").write_text(PROFILE.format(path=consumer))
+    (consumer / "models" / "_models.yml").write_text(SOURCES)
+    (consumer / "models" / "patients_clean.sql").write_text(
+        "select {{ deid.tokenize('email', 'email') }} as email_token, visits "
+        "from {{ source('intake', 'patients') }}")
+    import duckdb
+
+    con = duckdb.connect(str(consumer / "clinic.duckdb"))
+    con.execute("create table main.patients as select * from (values "
+                "('Ann@Example.com', 3), ('ann@example.com ', 1), (null, 2)) t(email, visits)")
+    con.close()
+    env = {**os.environ, "DBT_PROFILES_DIR": str(consumer),
+           "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    env.pop("DEID_VAULT", None)
+    dbt = str(Path(sys.executable).with_name("dbt"))
+    for args in (["deps"], ["run"]):
+        proc = subprocess.run([dbt, *args], cwd=consumer, env=env, text=True,
+                              capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    con = duckdb.connect(str(consumer / "clinic.duckdb"), read_only=True)
+    rows = con.sql("select email_token from main.patients_clean order by visits").fetchall()
+    con.close()
+    assert rows[0][0] == rows[2][0] and rows[0][0].endswith("@deid.invalid")  # one person
+    assert rows[1] == (None,)
