@@ -547,3 +547,41 @@ def test_access_token_expiry_is_read_from_the_jwt():
     token = jwt.encode({"exp": exp}, "k" * 32, algorithm="HS256")
     assert skyflow.TokenProvider._expiry(token, 0) == exp
     assert skyflow.TokenProvider._expiry("opaque", 100) == 100 + skyflow.ASSERTION_LIFETIME
+
+
+# -- engines --------------------------------------------------------------------------------
+
+
+def test_redshift_lambda_handlers_work_over_skyflow(make, fake, tmp_path):
+    """The Lambda host needs nothing Skyflow-specific: same payloads, same answers."""
+    from deid.lambda_handler import RedshiftUDF
+
+    policy_db = tmp_path / "policy.db"
+    SQLiteStore(policy_db).grant("pii_reader", granted_by="admin")
+    udf = RedshiftUDF(make(policy=f"sqlite:///{policy_db}", ctx="user+query"))
+    payloads = Path(__file__).with_name("payloads")
+    event = json.loads((payloads / "tokenize_request.json").read_text())
+    answer = json.loads(udf.tokenize(event))
+    assert answer["success"] is True and answer["num_records"] == event["num_records"]
+    results = answer["results"]
+    for row, token in zip(event["arguments"], results, strict=True):
+        if row is None or row[0] is None:
+            assert token is None
+        else:
+            assert token and token != row[0]
+    assert results[0] == results[3] == results[5], "spellings of one address, one token"
+    assert results[0] == fake.token_for("persons", "email", "ana.garcia@example.com")
+
+    detok = {"request_id": "r2", "cluster": event["cluster"], "user": "pii_reader",
+             "database": "dev", "external_function": "deid.detokenize", "query_id": 77,
+             "num_records": 3, "arguments": [[results[0]], [None], [results[6]]]}
+    answer = json.loads(udf.detokenize(detok))
+    assert answer == {"success": True, "num_records": 3,
+                      "results": ["ana.garcia@example.com", None, "+14155550100"]}
+    assert fake.requests("detokenize")[-1].ctx == {"user": "pii_reader", "query_id": "77"}
+
+    fake.inject("detokenize", status=503, times=10)
+    failed = udf.detokenize({**detok, "query_id": 78})
+    doc = json.loads(failed)
+    assert doc["success"] is False and "HTTP 503" in doc["error_msg"]
+    assert "ana.garcia" not in failed and results[0] not in failed
