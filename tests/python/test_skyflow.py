@@ -277,12 +277,6 @@ def test_a_retried_batch_whose_reply_was_lost_creates_no_duplicate(make, fake):
     assert [e.status for e in fake.requests("insert")] == [503, 200]
 
 
-def test_insert_without_upsert_would_duplicate_so_the_client_always_sends_it(fake, make):
-    # The server enforces uniqueness without upsert (409): the request shape matters.
-    make().tokenize("email", EMAILS[:1])
-    assert all(e.body.get("upsert") == "email" for e in fake.requests("insert"))
-
-
 def test_the_local_cache_skips_the_vault_for_values_seen(make, fake):
     svc = make()
     svc.tokenize("email", EMAILS)
