@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,6 @@ from deid.vault import open_store  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-DBT = ROOT / ".venv" / "bin" / "dbt"
 ROLES = {  # login -> password (a throwaway cluster on 127.0.0.1)
     "transformer": "transformer-pw",
     "analyst": "analyst-pw",
@@ -54,8 +53,9 @@ def python_path() -> list[str]:
     return [str(ROOT / "udfs"), str(Path(cryptography.__file__).parents[1])]
 
 
-def dbt_vars() -> str:
+def dbt_vars(**extra: object) -> str:
     return json.dumps({
+        **extra,
         "deid_python_path": python_path(),
         "deid_transformer_roles": ["transformer"],
         "deid_pii_reader_roles": ["pii_reader", "ex_reader"],
@@ -69,8 +69,7 @@ def env(tmp_path_factory):
     if reason:
         print(f"skipping PostgreSQL end-to-end tests: {reason}")
         pytest.skip(reason)
-    if not DBT.exists():
-        pytest.skip(f"dbt not installed at {DBT}")
+    pytest.importorskip("dbt.adapters.postgres", reason="dbt-postgres is not installed")
     work = tmp_path_factory.mktemp("pg_e2e")
     (work / "profiles.yml").write_text(PROFILE)
     cluster = pg_cluster.start()
@@ -92,21 +91,49 @@ def setup_roles(cluster: pg_cluster.Cluster) -> None:
     pg_cluster.admin_sql(cluster, ";\n".join(sql))
 
 
-def dbt(env, user: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+@dataclass
+class DbtRun:
+    ok: bool
+    output: str  # errors and failure messages, for assertions on refusals
+
+
+def dbt(env, user: str, *args: str, check: bool = True,
+        extra_vars: dict | None = None) -> DbtRun:
+    """Run dbt in-process (dbtRunner): a dbt start-up costs 3-10 s, and this module needs 7."""
+    from dbt.cli.main import dbtRunner
+
     cluster, work = env["cluster"], env["work"]
     password = pg_cluster.ADMIN_PASSWORD if user == pg_cluster.ADMIN else ROLES[user]
-    run_env = {**os.environ, **cluster.env(user, password),
-               "DBT_PROFILES_DIR": str(work), "DBT_TARGET_PATH": str(work / "target"),
-               "DBT_LOG_PATH": str(work / "logs"), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    saved = {k: os.environ.get(k) for k in (*cluster.env(), "DBT_SEND_ANONYMOUS_USAGE_STATS")}
+    os.environ.update({**cluster.env(user, password), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"})
+    errors: list[str] = []
+
+    def collect(event) -> None:
+        if event.info.level in ("error", "warn"):
+            errors.append(event.info.msg)
+
     started = time.monotonic()
-    proc = subprocess.run([str(DBT), *args, "--target", "postgres", "--vars", dbt_vars()],
-                          cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    try:
+        res = dbtRunner(callbacks=[collect]).invoke([
+            *args, "--project-dir", str(ROOT), "--profiles-dir", str(work),
+            "--target-path", str(work / "target"), "--log-path", str(work / "logs"),
+            "--target", "postgres", "--vars", dbt_vars(**(extra_vars or {})), "--quiet"])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    messages = [*errors, str(res.exception)] if res.exception else list(errors)
+    for r in getattr(res.result, "results", None) or []:
+        if getattr(r, "status", None) in ("error", "fail"):
+            name = getattr(r, "unique_id", None) or r.node.unique_id
+            messages.append(f"{name}: {r.message}")
+    run = DbtRun(bool(res.success), "\n".join(messages))
     print(f"dbt {args[0]} as {user}: {time.monotonic() - started:.1f} s")
-    if check and proc.returncode != 0:
-        pytest.fail(f"dbt {' '.join(args)} as {user} failed:\n{proc.stdout[-4000:]}"
-                    f"\n{proc.stderr[-2000:]}")
-    return proc
+    if check and not run.ok:
+        pytest.fail(f"dbt {' '.join(args)} as {user} failed:\n{run.output[-4000:]}")
+    return run
 
 
 def query(env, user: str, sql: str, args=None) -> list[tuple]:
@@ -147,6 +174,10 @@ def built(env):
     """Install (twice: idempotent), set the vault policy, build (seeds, models, tests)."""
     dbt(env, pg_cluster.ADMIN, "run-operation", "postgres_install_udfs")
     acl_first = query(env, pg_cluster.ADMIN, ACL_SQL)
+    # A grant made by hand to a role not in the vars is drift: the re-install removes it.
+    pg_cluster.admin_sql(env["cluster"], "grant execute on function deid.detokenize(text) "
+                                         "to analyst")
+    assert query(env, pg_cluster.ADMIN, ACL_SQL) != acl_first
     dbt(env, pg_cluster.ADMIN, "run-operation", "postgres_install_udfs")
     assert query(env, pg_cluster.ADMIN, ACL_SQL) == acl_first, "re-install changed grants"
     store = open_store(env["cluster"].url() + "?schema=deid_vault")
@@ -262,3 +293,26 @@ def test_server_log_records_detokenize_without_values(built):
     emails = [r[0] for r in query(built, pg_cluster.ADMIN,
                                   "select email from raw.raw_customers where email is not null")]
     assert not [e for e in emails if e in log]
+
+
+def test_hook_install_refuses_a_non_superuser_with_the_fix(built):
+    proc = dbt(built, "transformer", "run-operation", "create_udfs", check=False,
+               extra_vars={"deid_manage_udfs": True})
+    assert not proc.ok
+    assert "needs a PostgreSQL superuser" in proc.output
+
+
+def test_vault_failure_fails_the_model_and_keeps_the_previous_mart(built):
+    before = sorted(map(repr, query(built, pg_cluster.ADMIN,
+                                    "select * from analytics.dim_customers")))
+    pg_cluster.admin_sql(built["cluster"], "alter table deid_vault.tokens rename to tokens_away")
+    try:
+        proc = dbt(built, "transformer", "run", "--select", "dim_customers", check=False)
+    finally:
+        pg_cluster.admin_sql(built["cluster"],
+                             "alter table deid_vault.tokens_away rename to tokens")
+    out = proc.output
+    assert not proc.ok
+    assert "deid vault: statement 'find' on schema deid_vault failed" in out
+    assert sorted(map(repr, query(built, pg_cluster.ADMIN,
+                                  "select * from analytics.dim_customers"))) == before
