@@ -39,6 +39,10 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench_lambda.py
+
+bench-lambda: $(VENV)/.dev
+	$(BIN)/python bench/bench_lambda.py
 
 demo-postgres: $(VENV)/.dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_postgres.sh

@@ -23,20 +23,30 @@ TOKENIZED = {"email": "email", "phone": "phone", "ssn": "ssn"}
 
 
 def mart_sql(hashing: str) -> str:
-    """The customer mart: three tokenized (or hashed) columns plus the generalized ones."""
+    """The customer mart: three tokenized (or hashed) columns plus the generalized ones.
+
+    The deid variant has the shape `deid.token_map` renders (distinct values → tokenize →
+    join back), as models/marts/dim_customers.sql does; the sha256 variant hashes per row,
+    as one would write it.
+    """
+    generalized = """
+               case when date_diff('year', c.date_of_birth, date '2026-01-01') >= 90 then '90+'
+                    else (date_diff('year', c.date_of_birth, date '2026-01-01') // 10 * 10)::varchar
+                         || '-' || (date_diff('year', c.date_of_birth, date '2026-01-01') // 10
+                         * 10 + 9)::varchar end as age_band,
+               substr(c.zip, 1, 3) as zip3, c.state, c.region"""
     if hashing == "sha256":
-        cols = [f"sha256({c}) as {c}_token" for c in TOKENIZED]
-    else:
-        cols = [f"deid.tokenize({c}, '{k}') as {c}_token" for c, k in TOKENIZED.items()]
-    return f"""
-        create or replace table mart as
-        select customer_id, {', '.join(cols)},
-               case when date_diff('year', date_of_birth, date '2026-01-01') >= 90 then '90+'
-                    else (date_diff('year', date_of_birth, date '2026-01-01') // 10 * 10)::varchar
-                         || '-' || (date_diff('year', date_of_birth, date '2026-01-01') // 10 * 10
-                         + 9)::varchar end as age_band,
-               substr(zip, 1, 3) as zip3, state, region
-        from raw_customers"""
+        cols = ", ".join(f"sha256(c.{col}) as {col}_token" for col in TOKENIZED)
+        return f"create or replace table mart as select c.customer_id, {cols}, {generalized} " \
+               "from raw_customers c"
+    maps = ", ".join(
+        f"{col}_map as (select v, deid.tokenize(v, '{kind}') as t from "
+        f"(select distinct {col} as v from raw_customers where {col} is not null))"
+        for col, kind in TOKENIZED.items())
+    cols = ", ".join(f"{col}_map.t as {col}_token" for col in TOKENIZED)
+    joins = " ".join(f"left join {col}_map on c.{col} = {col}_map.v" for col in TOKENIZED)
+    return (f"create or replace table mart as with {maps} "
+            f"select c.customer_id, {cols}, {generalized} from raw_customers c {joins}")
 
 
 def peak_rss_mib() -> float:
