@@ -5,10 +5,11 @@ Both functions are SECURITY DEFINER, owned by the vault role, with a pinned ``se
 inside them ``current_user`` is the vault role, which alone may read the vault schema, so the
 principal the vault policy checks is ``session_user`` (the login that ran the query).
 
-Caches are per statement. The vault writes of a statement belong to its transaction; a
-token cached past a rollback (of the statement, or of a savepoint around it) would be handed
-out again with no vault record behind it. So a call whose ``statement_timestamp()`` differs
-from the previous call's starts from a fresh token service, and reads the keys again.
+Caches live for one scope: (transaction, statement, subtransaction). The vault writes of a
+statement belong to its transaction; a token cached past a rollback (of the statement, of a
+savepoint, of a PL/pgSQL exception block) would be handed out again with no vault record
+behind it. So a call in a new scope starts from a fresh token service and reads the keys
+again. The scope is read from the backend itself (see `_backend_clock`).
 
 Errors: deid's messages (kind, reason, what to do; never a value or a token) with a SQLSTATE;
 anything else is reported by class name only, since a Python exception text may quote data.
@@ -45,27 +46,71 @@ _SQLSTATE = {
 _hosts: dict[str, _Host] = {}  # per backend (one Python interpreter per session)
 
 
+def _backend_clock() -> Any:
+    """The backend's own (transaction start, statement start, subtransaction id), read
+    through ctypes from the postgres executable's exported functions (about a microsecond,
+    against tens for a SPI query). None where they cannot be found."""
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL(None)
+        xact, stmt = lib.GetCurrentTransactionStartTimestamp, lib.GetCurrentStatementStartTimestamp
+        subxact = lib.GetCurrentSubTransactionId
+    except (OSError, AttributeError):
+        return None
+    xact.restype = stmt.restype = ctypes.c_int64
+    subxact.restype = ctypes.c_uint32
+    xact.argtypes = stmt.argtypes = subxact.argtypes = []
+    return lambda: (xact(), stmt(), subxact())
+
+
 class _Host:
+    """Per backend and vault schema: the store, and a token service valid for one scope.
+
+    The scope is (transaction, statement, subtransaction). Vault writes made in a scope can
+    roll back when it ends, so a token cached in it must not be handed out in another: a
+    client savepoint rolled back between statements, a PL/pgSQL exception block rolled back
+    within one, or a procedure's ROLLBACK between its transactions. Subtransaction ids are
+    never reused within a transaction, so a rolled-back scope never comes back.
+    """
+
     def __init__(self, plpy: Any, schema: str) -> None:
         self.plpy = plpy
         self.store = SpiStore(plpy, schema)
-        self._context = plpy.prepare(
-            "select statement_timestamp()::text as statement, session_user::text as principal,"
-            " pg_backend_pid() as pid")
-        self._statement: str | None = None
+        self._clock = _backend_clock()
+        # Without the backend clock: the statement's timestamps by SPI (no subtransactions).
+        self._scope_plan = plpy.prepare(
+            "select now()::text as xact, statement_timestamp()::text as statement")
+        self._context_plan = plpy.prepare(
+            "select session_user::text as principal, pg_backend_pid() as pid, "
+            "statement_timestamp()::text as statement")
+        self._scope: Any = None
         self._service: VaultTokenService | None = None
+        self._context: dict[str, Any] | None = None
         self._logged: str | None = None
 
-    def service(self) -> tuple[VaultTokenService, dict[str, Any]]:
-        row = self.plpy.execute(self._context)[0]
-        if row["statement"] != self._statement or self._service is None:
-            self._service = None
+    def _current_scope(self) -> Any:
+        if self._clock is not None:
+            return self._clock()
+        row = self.plpy.execute(self._scope_plan)[0]
+        return (row["xact"], row["statement"])
+
+    def service(self) -> VaultTokenService:
+        scope = self._current_scope()
+        if scope != self._scope or self._service is None:
+            self._service = self._context = None
             self.store.forget_keyring()
             self._service = VaultTokenService(self.store, cache_size=CACHE_SIZE,
                                               detokenize_cache_size=CACHE_SIZE)
-            self._statement = row["statement"]
-        return self._service, row
+            self._scope = scope
+        return self._service
 
+    def context(self) -> dict[str, Any]:
+        """session_user and the statement, read once per scope (SET SESSION AUTHORIZATION
+        is a statement of its own, so the scope changes with it)."""
+        if self._context is None:
+            self._context = dict(self.plpy.execute(self._context_plan)[0])
+        return self._context
 
     def log_detokenize(self, ctx: dict[str, Any]) -> None:
         """One server-log line per statement that detokenizes. The vault's audit records
@@ -93,8 +138,7 @@ def tokenize(plpy: Any, value: str | None, kind: str | None, *,
     try:
         if kind is None:
             raise InvalidKindError("deid.tokenize: the kind argument is NULL")
-        service, _ctx = _host(plpy, vault_schema).service()
-        return service.tokenize(kind, [value])[0]
+        return _host(plpy, vault_schema).service().tokenize(kind, [value])[0]
     except InvalidValueError as exc:
         # One value per call here: "row 1 of the batch" would mislead.
         _fail(plpy, InvalidValueError(exc.kind, exc.reason, column=exc.column))
@@ -110,7 +154,8 @@ def detokenize(plpy: Any, token: str | None, *,
         return None
     try:
         host = _host(plpy, vault_schema)
-        service, ctx = host.service()
+        service = host.service()
+        ctx = host.context()
         host.log_detokenize(ctx)
         return service.detokenize([token], principal=ctx["principal"],
                                   query_id=f"{ctx['pid']}@{ctx['statement']}",
