@@ -413,3 +413,23 @@ $$""")
     store.grant("tester", "pytest")
     assert VaultTokenService(store).detokenize(handed, principal="tester") == [
         "ivan@example.com"]
+
+
+def test_udf_lookups_work_in_a_read_only_transaction_and_detokenize_fails_closed(cluster,
+                                                                                 store):
+    token = _sql(cluster, "select t_tokenize('judy@example.com', 'email')")[0][0]
+    store.grant(pg_cluster.ADMIN, "pytest")
+    conn = psycopg2.connect(cluster.dsn())
+    try:
+        conn.set_session(readonly=True)
+        cur = conn.cursor()
+        cur.execute("select t_tokenize('Judy@Example.com', 'email')")
+        assert cur.fetchone()[0] == token
+        conn.rollback()
+        # The audit record cannot be written: no clear text without it.
+        with pytest.raises(psycopg2.Error) as info:
+            cur.execute("select t_detokenize(%s)", (token,))
+        assert "read-only transaction" in str(info.value)
+        assert "judy" not in str(info.value).lower()
+    finally:
+        conn.close()
