@@ -53,6 +53,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mib() -> float:
+    """Current resident set (Linux), for growth that an earlier peak would mask."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return peak_rss_mib()
+
+
 def child(args: list[str]) -> dict[str, float]:
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                           check=False)
@@ -121,6 +129,29 @@ def phase_vault(vault: str, n: int, batch: int) -> dict[str, float]:
             "peak_rss_mib": peak_rss_mib()}
 
 
+def phase_stream(rows: int, distinct: float, vault: str, n: int,
+                 cache_size: int) -> dict[str, float]:
+    """Tokenize a stream of `n` rows (values already in the vault) in 2048-row batches,
+    generated batch by batch: peak memory is the service's, not the stream's."""
+    import random
+
+    import duckdb
+
+    from deid.vault import VaultConfig, open_service
+
+    con = duckdb.connect(str(OUT / f"warehouse_{rows}_{distinct}.duckdb"), read_only=True)
+    emails = [r[0] for r in con.sql("select distinct email from raw_customers").fetchall()]
+    con.close()
+    base = rss_mib()
+    svc = open_service(VaultConfig(url=vault, cache_size=cache_size))
+    rng = random.Random(1)  # noqa: S311 - picks benchmark rows, not secrets
+    t0 = time.perf_counter()
+    for _ in range(n // 2048):
+        svc.tokenize("email", rng.choices(emails, k=2048))
+    return {"per_s": n / (time.perf_counter() - t0), "peak_rss_mib": peak_rss_mib(),
+            "growth_mib": rss_mib() - base}
+
+
 def phase_detok_mart(rows: int, distinct: float, vault: str) -> dict[str, float]:
     """detokenize a whole mart column (10 % distinct tokens) through DuckDB, default caches."""
     import duckdb
@@ -184,6 +215,9 @@ def main() -> None:
     shutil.rmtree(OUT / "vault_tp", ignore_errors=True)
     tp_big = run("vault", vault=vault2, n=300_000, batch=100_000)
     detok = run("detok_mart", rows=rows, distinct=distinct, vault=vault)
+    stream = {(n, c): run("stream", rows=rows, distinct=distinct, vault=vault, n=n,
+                          cache_size=c)
+              for n in (1_000_000, 4_000_000) for c in (10_000, 1_000_000)}
 
     t_sha = statistics.median(r["first"] for r in sha)
     t_steady = statistics.median(r["first"] for r in steady)
@@ -209,6 +243,9 @@ def main() -> None:
          f"({small_rows['first']:.2f} s)"),
         ("peak RSS, sha256 build", f"{statistics.median(r['peak_rss_mib'] for r in sha):.0f} MiB",
          ""),
+        *[(f"tokenize stream of {n:,} rows, cache {c:,}: memory growth",
+           f"{r['growth_mib']:.0f} MiB", f"({r['per_s']:,.0f} rows/s)")
+          for (n, c), r in stream.items()],
     ]
     print(f"\ndeid bench: {rows:,} rows, {distinct:.0%} distinct, 3 tokenized columns, "
           f"{os.cpu_count()} cores, repeat {a.repeat}\n")
