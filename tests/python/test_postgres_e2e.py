@@ -265,6 +265,17 @@ def test_rebuild_keeps_grants_and_tokens(built):
         assert after == before[t], f"{t} changed on a rebuild"
 
 
+def test_functions_are_security_definer_owned_by_the_vault_role_with_pinned_path(built):
+    rows = query(built, pg_cluster.ADMIN, """
+        select p.proname, pg_get_userbyid(p.proowner), p.prosecdef, p.provolatile,
+               p.proconfig
+        from pg_proc p where p.pronamespace = 'deid'::regnamespace order by 1""")
+    assert [r[0] for r in rows] == ["detokenize", "tokenize"]
+    for _name, owner, secdef, volatile, config in rows:
+        assert (owner, secdef, volatile) == ("deid_vault", True, "v")
+        assert "search_path=pg_catalog, pg_temp" in config
+
+
 def test_vault_ddl_in_dbt_matches_the_store(built):
     pg_cluster.admin_sql(built["cluster"], postgres_store.vault_ddl("ddl_check"))
     cols = """select table_name, column_name, data_type, is_nullable

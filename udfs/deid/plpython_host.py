@@ -164,16 +164,16 @@ def detokenize(plpy: Any, token: str | None, *,
         # The audit record of a refusal rolls back with the failed statement; the server log
         # keeps the refusal (principal only).
         plpy.log(f"deid audit: detokenize denied by the vault policy for principal "
-                 f"{_principal(plpy)!r}")
+                 f"{_principal(plpy, vault_schema)!r}")
         _fail(plpy, exc)
     except Exception as exc:
         _fail(plpy, exc, "deid.detokenize")
     return None  # not reached
 
 
-def _principal(plpy: Any) -> str:
+def _principal(plpy: Any, schema: str) -> str:
     try:
-        return str(plpy.execute("select session_user::text as u")[0]["u"])
+        return str(_host(plpy, schema).context()["principal"])
     except Exception:
         return "unknown"
 
