@@ -108,13 +108,27 @@ class Cluster:
 
 def start(root: Path | None = None, *, database: str = "deid") -> Cluster:
     """initdb a new cluster under `root` (a new temp dir by default), start it, create the
-    admin login and `database`. Takes about a second."""
+    admin login and `database`. Takes about a second. On failure nothing is left running,
+    and a temp dir it made is removed."""
     bindir = find_bindir()
     if bindir is None:
         raise RuntimeError(missing_reason())
+    made = root is None
     root = Path(root) if root else Path(tempfile.mkdtemp(prefix="deid-pg-"))
     root.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(root, free_port(), bindir)
+    try:
+        _init_and_start(cluster, database)
+    except BaseException:
+        cluster.stop()
+        if made:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    return cluster
+
+
+def _init_and_start(cluster: Cluster, database: str) -> None:
+    root, bindir = cluster.root, cluster.bindir
     pwfile = root / "pwfile"
     pwfile.write_text(ADMIN_PASSWORD + "\n")
     if os.geteuid() == 0:
@@ -123,14 +137,17 @@ def start(root: Path | None = None, *, database: str = "deid") -> Cluster:
     root.chmod(0o700)
     pwfile.chmod(0o600)
     run = cluster._server_cmd
-    proc = subprocess.run(run([str(bindir / "initdb"), "-D", str(cluster.data), "-U", ADMIN,
-                               "--pwfile", str(pwfile), "-E", "UTF8", "--locale=C.UTF-8",
-                               "--auth-local=trust", "--auth-host=scram-sha-256"]),
-                          env=cluster._server_env(), capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(run([str(bindir / "initdb"), "-D", str(cluster.data), "-U", ADMIN,
+                                   "--pwfile", str(pwfile), "-E", "UTF8", "--locale=C.UTF-8",
+                                   "--auth-local=trust", "--auth-host=scram-sha-256"]),
+                              env=cluster._server_env(), capture_output=True, text=True,
+                              check=False)
+    finally:
+        pwfile.unlink()
     if proc.returncode != 0:
         raise RuntimeError(f"initdb failed (the cluster's parent directories must be "
                            f"traversable by its OS user): {proc.stderr.strip()}")
-    pwfile.unlink()
     opts = (f"-p {cluster.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=40 "
             "-c shared_buffers=32MB -c deadlock_timeout=200ms")
@@ -140,7 +157,6 @@ def start(root: Path | None = None, *, database: str = "deid") -> Cluster:
     if proc.returncode != 0:
         raise RuntimeError(f"pg_ctl start failed: {proc.stderr.strip()}\n{cluster.log_tail()}")
     admin_sql(cluster, f"create database {database}", dbname="postgres")
-    return cluster
 
 
 def admin_sql(cluster: Cluster, sql: str, *, dbname: str = "deid") -> None:
