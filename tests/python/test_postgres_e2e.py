@@ -10,15 +10,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 import pg_cluster
-
-psycopg2 = pytest.importorskip("psycopg2")
-
-from deid import kinds as _kinds  # noqa: E402
-from deid import postgres_store  # noqa: E402
-from deid.vault import open_store  # noqa: E402
+from deid import kinds as _kinds
+from deid import postgres_store
+from deid.vault import open_store
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +67,6 @@ def env(tmp_path_factory):
     if reason:
         print(f"skipping PostgreSQL end-to-end tests: {reason}")
         pytest.skip(reason)
-    pytest.importorskip("dbt.adapters.postgres", reason="dbt-postgres is not installed")
     work = tmp_path_factory.mktemp("pg_e2e")
     (work / "profiles.yml").write_text(PROFILE)
     cluster = pg_cluster.start()

@@ -10,18 +10,16 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pg_cluster
-
-psycopg2 = pytest.importorskip("psycopg2")
-
-from deid import keys as _keys  # noqa: E402
-from deid import postgres_store  # noqa: E402
-from deid.errors import ConfigError, PermissionDeniedError, VaultKeyError  # noqa: E402
-from deid.service import VaultTokenService  # noqa: E402
-from deid.vault import open_store  # noqa: E402
+from deid import keys as _keys
+from deid import postgres_store
+from deid.errors import ConfigError, PermissionDeniedError, VaultKeyError
+from deid.service import VaultTokenService
+from deid.vault import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "vault_t"
