@@ -124,8 +124,10 @@ def test_guard_refuses_a_mart_exposing_pii_and_keeps_the_previous_one(
     model = built.path / "models" / "marts" / "dim_customers.sql"
     original = model.read_text()
     try:
-        model.write_text(original.replace(
-            "{{ deid.tokenize('email', 'email') }} as email_token", "email as email_token"))
+        leaking = original.replace("email_tokens.token as email_token",
+                                   "customers.email as email_token")
+        assert leaking != original
+        model.write_text(leaking)
         out = built.dbt("run", "--select", "dim_customers", check=False)
         assert out.returncode != 0
         assert "would expose PII" in out.stdout or "exposes raw PII" in out.stdout

@@ -14,7 +14,6 @@ from typing import Any
 
 import click
 
-from . import keys as _keys
 from .errors import DeidError
 from .service import VaultTokenService
 from .store import StoredValue
@@ -100,12 +99,11 @@ def keys_show(vault: str | None) -> None:
 def keys_rotate(vault: str | None) -> None:
     """Add a new encryption key version; tokens do not change, old values stay readable."""
     svc = _service(vault)
-    path = _keys.require_file_source(svc.keyring)
     rotated = svc.keyring.rotated()
-    _keys.write_key_file(path, rotated, exclusive=False)
+    svc.store.write_keyring(rotated)
     svc.audit("keys.rotate", _admin(), f"current={rotated.current}", host="cli")
     click.echo(f"rotated: new values are encrypted with key version {rotated.current}; "
-               f"versions {sorted(rotated.keys)} kept in {path}")
+               f"versions {sorted(rotated.keys)} kept in {svc.keyring.source}")
 
 
 @keys.command("rewrap")

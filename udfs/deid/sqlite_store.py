@@ -147,6 +147,15 @@ class SQLiteStore(VaultStore):
             self._keyring = self._load_keyring()
             return self._keyring
 
+    def write_keyring(self, ring: _keys.Keyring) -> None:
+        """Replace the key file with a rotated key set (same fingerprint key)."""
+        current = self.keyring()
+        if ring.check_value() != current.check_value():
+            raise VaultKeyError("deid keys: refusing to store a key set with a different "
+                                "fingerprint key (every token would change)")
+        _keys.write_key_file(_keys.require_file_source(current), ring, exclusive=False)
+        self.reload_keyring()
+
     def _load_keyring(self) -> _keys.Keyring:
         empty = not self._read("select 1 from tokens limit 1") and not self._read(
             "select 1 from meta where key = 'key_check'")

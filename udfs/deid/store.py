@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigError
 from .keys import Keyring
 
 
@@ -47,6 +48,11 @@ class VaultStore(ABC):
     @abstractmethod
     def keyring(self) -> Keyring:
         """The vault's keys, created on first use only while the vault holds no record."""
+
+    def write_keyring(self, ring: Keyring) -> None:
+        """Store a rotated key set (same fingerprint key); used by `deid keys rotate`."""
+        raise ConfigError(f"deid keys: {type(self).__name__} keeps its keys elsewhere; rotate "
+                          "them there (see the backend's documentation)")
 
     # -- token index and values --------------------------------------------------------
 
