@@ -47,25 +47,13 @@ grant create on database $PGDATABASE to transformer;
 create schema analytics authorization transformer;
 grant usage on schema analytics to analyst, pii_reader, ex_reader;
 SQL
-cat >"$WORK/profiles.yml" <<'YML'
-deid:
-  target: postgres
-  outputs:
-    postgres:
-      type: postgres
-      host: "{{ env_var('PGHOST', 'localhost') }}"
-      port: "{{ env_var('PGPORT', '5432') | as_number }}"
-      user: "{{ env_var('PGUSER') }}"
-      password: "{{ env_var('PGPASSWORD', '') }}"
-      dbname: "{{ env_var('PGDATABASE', 'deid') }}"
-      schema: analytics
-      threads: 2
-YML
+# the committed example's `postgres` target, as a user would copy it
+cp "$ROOT/profiles.yml.example" "$WORK/profiles.yml"
 SITE=$("$PY" -c 'import cryptography, pathlib; print(pathlib.Path(cryptography.__file__).parents[1])')
 VARS="{deid_python_path: ['$ROOT/udfs', '$SITE'], deid_transformer_roles: [transformer],
        deid_pii_reader_roles: [pii_reader, ex_reader],
        deid_analyst_roles: [analyst, pii_reader, ex_reader]}"
-export DBT_PROFILES_DIR=$WORK DBT_TARGET_PATH=$WORK/target DBT_LOG_PATH=$WORK/logs
+export DBT_PROFILES_DIR=$WORK DBT_TARGET=postgres DBT_TARGET_PATH=$WORK/target DBT_LOG_PATH=$WORK/logs
 
 say "3/7  The admin installs deid.tokenize / deid.detokenize (plpython3u), the vault schema and the grants"
 PGUSER=$ADMIN_USER PGPASSWORD=$ADMIN_PASSWORD dbt run-operation postgres_install_udfs --quiet --vars "$VARS"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +29,6 @@ ROLES = {  # login -> password (a throwaway cluster on 127.0.0.1)
     "ex_reader": "ex-reader-pw",  # granted EXECUTE, but not in the vault's policy
 }
 
-PROFILE = """\
-deid:
-  target: postgres
-  outputs:
-    postgres:
-      type: postgres
-      host: "{{ env_var('PGHOST', 'localhost') }}"
-      port: "{{ env_var('PGPORT', '5432') | as_number }}"
-      user: "{{ env_var('PGUSER') }}"
-      password: "{{ env_var('PGPASSWORD', '') }}"
-      dbname: "{{ env_var('PGDATABASE', 'deid') }}"
-      schema: analytics
-      threads: 2
-"""
 
 
 def python_path() -> list[str]:
@@ -68,7 +55,8 @@ def env(tmp_path_factory):
         print(f"skipping PostgreSQL end-to-end tests: {reason}")
         pytest.skip(reason)
     work = tmp_path_factory.mktemp("pg_e2e")
-    (work / "profiles.yml").write_text(PROFILE)
+    # the committed example's `postgres` target, as a user would copy it
+    shutil.copy(ROOT / "profiles.yml.example", work / "profiles.yml")
     cluster = pg_cluster.start()
     try:
         setup_roles(cluster)

@@ -48,6 +48,8 @@ _TOKEN_CHARS = 24
 class _Invalid(ValueError):
     """Internal: a value failed its kind's rules. The reason never contains the value."""
 
+    index: int = -1  # position in the batch, set by normalize_many
+
 
 @dataclass(frozen=True, slots=True)
 class Kind:
@@ -269,6 +271,23 @@ def normalize(kind: Kind, value: str) -> tuple[str, str]:
         raise _Invalid(f"is longer than the {kind.name} limit of {kind.max_length} characters")
     _check_text(value)
     return kind.normalize(value)
+
+
+def normalize_many(kind: Kind, values: list[str]) -> list[tuple[str, str]]:
+    """`normalize` over a batch; on failure raises _Invalid with `.index` set (hot path)."""
+    limit, check, norm = kind.max_length, _CONTROL.search, kind.normalize
+    out = []
+    for i, value in enumerate(values):
+        try:
+            if len(value) > limit:
+                raise _Invalid(f"is longer than the {kind.name} limit of {limit} characters")
+            if check(value):
+                raise _Invalid("contains a control character")
+            out.append(norm(value))
+        except _Invalid as exc:
+            exc.index = i
+            raise
+    return out
 
 
 def kind_of_token(token: str, *, validate: bool = True) -> Kind | None:

@@ -130,13 +130,14 @@ class VaultTokenService:
             raise InvalidValueError(spec.name, "is not text", row=row + 1, column=column)
 
         # Normalize every distinct raw value; several spellings may share one match key.
+        raws = list(pending)
+        try:
+            normalized = _kinds.normalize_many(spec.kind, raws)
+        except _kinds._Invalid as exc:
+            raise InvalidValueError(spec.name, str(exc), row=pending[raws[exc.index]][0] + 1,
+                                    column=column) from None
         by_match: dict[str, tuple[str, list[str]]] = {}  # match_key -> (canonical, raw values)
-        for raw, rows in pending.items():
-            try:
-                canonical, match_key = _kinds.normalize(spec.kind, raw)
-            except _kinds._Invalid as exc:
-                raise InvalidValueError(spec.name, str(exc), row=rows[0] + 1,
-                                        column=column) from None
+        for raw, (canonical, match_key) in zip(raws, normalized, strict=True):
             entry = by_match.get(match_key)
             if entry is None:
                 by_match[match_key] = (canonical, [raw])
@@ -157,7 +158,7 @@ class VaultTokenService:
     def _tokens_for(self, spec: _kinds.KindSpec,
                     by_match: dict[str, tuple[str, list[str]]]) -> dict[str, str]:
         ring = self.keyring
-        fp_of = {m: ring.fingerprint(spec.domain, m) for m in by_match}
+        fp_of = dict(zip(by_match, ring.fingerprints(spec.domain, list(by_match)), strict=True))
         found = self.store.find_tokens(spec.domain, list(fp_of.values()))
         result = {m: found[fp] for m, fp in fp_of.items() if fp in found}
         missing = [m for m in by_match if m not in result]

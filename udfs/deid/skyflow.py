@@ -679,6 +679,18 @@ def _malformed(what: str, reason: str) -> VaultUnavailableError:
                                  "(nothing from the batch was used)")
 
 
+def _records(doc: dict[str, Any], expected: int, what: str) -> list[dict[str, Any]]:
+    """The response's records: exactly `expected` JSON objects, in request order."""
+    records = doc.get("records")
+    if not isinstance(records, list) or len(records) != expected:
+        raise _malformed(what, f"expected {expected} records, got "
+                         f"{len(records) if isinstance(records, list) else 'none'}")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise _malformed(what, f"record {i + 1} is not an object")
+    return records
+
+
 class SkyflowTokenService:
     """A `TokenService` over a Skyflow vault. Safe to share between threads."""
 
@@ -789,14 +801,9 @@ class SkyflowTokenService:
                 "tokenization": True, "upsert": target.column}
         doc = self.client.post(f"/{target.table}", body, what=what,
                                scope=self._scope(self.settings.tokenize_role))
-        records = doc.get("records")
-        if not isinstance(records, list) or len(records) != len(chunk):
-            raise _malformed(what, f"expected {len(chunk)} records, got "
-                             f"{len(records) if isinstance(records, list) else 'none'}")
+        records = _records(doc, len(chunk), what)
         out = []
         for i, (rec, value) in enumerate(zip(records, chunk, strict=True)):
-            if not isinstance(rec, dict):
-                raise _malformed(what, f"record {i + 1} is not an object")
             if rec.get("error"):
                 raise VaultUnavailableError(f"{what}: Skyflow reported an error for record "
                                             f"{i + 1} of the request (the value is not shown)")
@@ -812,14 +819,9 @@ class SkyflowTokenService:
                                            for v in chunk]}
         doc = self.client.post("/tokenize", body, what=what,
                                scope=self._scope(self.settings.tokenize_role))
-        records = doc.get("records")
-        if not isinstance(records, list) or len(records) != len(chunk):
-            raise _malformed(what, f"expected {len(chunk)} records, got "
-                             f"{len(records) if isinstance(records, list) else 'none'}")
+        records = _records(doc, len(chunk), what)
         out = []
         for i, (rec, value) in enumerate(zip(records, chunk, strict=True)):
-            if not isinstance(rec, dict):
-                raise _malformed(what, f"record {i + 1} is not an object")
             if rec.get("error"):
                 raise VaultUnavailableError(f"{what}: Skyflow reported an error for record "
                                             f"{i + 1} of the request (the value is not shown; "
@@ -874,14 +876,9 @@ class SkyflowTokenService:
                                              for t in chunk],
                 "continueOnError": False}
         doc = self.client.post("/detokenize", body, what=what, scope=scope, ctx=ctx)
-        records = doc.get("records")
-        if not isinstance(records, list) or len(records) != len(chunk):
-            raise _malformed(what, f"expected {len(chunk)} records, got "
-                             f"{len(records) if isinstance(records, list) else 'none'}")
+        records = _records(doc, len(chunk), what)
         out = []
         for i, (rec, token) in enumerate(zip(records, chunk, strict=True)):
-            if not isinstance(rec, dict):
-                raise _malformed(what, f"record {i + 1} is not an object")
             if rec.get("error"):
                 raise UnknownTokenError(f"{what}: Skyflow reported an error for record "
                                         f"{i + 1} of the request (token not found or not "
