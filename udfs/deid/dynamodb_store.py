@@ -549,9 +549,9 @@ class KmsKeyring(_keys.Keyring):
 
     # -- the Keyring interface the token service uses ----------------------------------------
 
-    def fingerprint(self, domain: str, match_key: str) -> bytes:
+    def fingerprints(self, domain: str, match_keys: list[str]) -> list[bytes]:
         self._fingerprint_key()
-        return super().fingerprint(domain, match_key)
+        return super().fingerprints(domain, match_keys)
 
     def check_value(self) -> str:
         self._fingerprint_key()
