@@ -146,9 +146,9 @@ class VaultTokenService:
 
         tokens_by_match = self._tokens_for(spec, by_match)
         learned = []
-        for match_key, (_canonical, raws) in by_match.items():
+        for match_key, (_canonical, spellings) in by_match.items():
             token = tokens_by_match[match_key]
-            for raw in raws:
+            for raw in spellings:
                 learned.append((raw, token))
                 for i in pending[raw]:
                     out[i] = token
