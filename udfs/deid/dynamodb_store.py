@@ -106,8 +106,6 @@ class DynamoDBStore(VaultStore):
                                   config=config)
         self._pool = ThreadPoolExecutor(max_workers=self._workers,
                                         thread_name_prefix="deid-ddb")
-        self._keyring: KmsKeyring | None = None
-        self._keyring_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -223,11 +221,8 @@ class DynamoDBStore(VaultStore):
 
     # -- keys -------------------------------------------------------------------------------
 
-    def keyring(self) -> KmsKeyring:
-        with self._keyring_lock:
-            if self._keyring is None:
-                self._keyring = KmsKeyring(self)
-            return self._keyring
+    def _load_keyring(self) -> KmsKeyring:
+        return KmsKeyring(self)
 
     def reload_keyring(self) -> KmsKeyring:
         return self.keyring()  # versions are resolved on demand; nothing to reload

@@ -150,8 +150,6 @@ class _PgStore(VaultStore):
 
     def __init__(self, schema: str) -> None:
         self.schema = check_schema(schema)
-        self._keyring: _keys.Keyring | None = None
-        self._keyring_lock = threading.Lock()
 
     def _sql(self, name: str) -> str:
         return _SQL[name][0].format(s=self.schema)
@@ -169,17 +167,6 @@ class _PgStore(VaultStore):
             return run(name, args)
 
     # -- keys -----------------------------------------------------------------------------
-
-    def keyring(self) -> _keys.Keyring:
-        with self._keyring_lock:
-            if self._keyring is None:
-                self._keyring = self._load_keyring()
-            return self._keyring
-
-    def reload_keyring(self) -> _keys.Keyring:
-        with self._keyring_lock:
-            self._keyring = self._load_keyring()
-            return self._keyring
 
     def _load_keyring(self) -> _keys.Keyring:
         source = f"the {self.schema}.keyring table"

@@ -67,8 +67,6 @@ class SQLiteStore(VaultStore):
         self._cache_kib = int(cache_mib) * 1024
         self._mmap_bytes = int(mmap_mib) * 1024 * 1024
         self._local = threading.local()
-        self._keyring: _keys.Keyring | None = None
-        self._keyring_lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -139,17 +137,6 @@ class SQLiteStore(VaultStore):
             self._local.db = None
 
     # -- keys -----------------------------------------------------------------------------
-
-    def keyring(self) -> _keys.Keyring:
-        with self._keyring_lock:
-            if self._keyring is None:
-                self._keyring = self._load_keyring()
-            return self._keyring
-
-    def reload_keyring(self) -> _keys.Keyring:
-        with self._keyring_lock:
-            self._keyring = self._load_keyring()
-            return self._keyring
 
     def write_keyring(self, ring: _keys.Keyring) -> None:
         """Replace the key file with a rotated key set (same fingerprint key)."""

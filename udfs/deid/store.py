@@ -9,6 +9,7 @@ batches, because each call may be a network round trip.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,10 +45,28 @@ class VaultStore(ABC):
     """A vault backend. Implementations must be safe to share between threads."""
 
     url: str
+    _keyring: Keyring | None = None
+    # Shared by all stores of a process: loading keys is rare, and this keeps subclasses free
+    # of set-up code for it.
+    _keyring_lock = threading.Lock()
+
+    def keyring(self) -> Keyring:
+        """The vault's keys, loaded once (created on first use only while the vault holds no
+        record)."""
+        with self._keyring_lock:
+            if self._keyring is None:
+                self._keyring = self._load_keyring()
+            return self._keyring
+
+    def reload_keyring(self) -> Keyring:
+        """Load the keys again (another process rotated them)."""
+        with self._keyring_lock:
+            self._keyring = self._load_keyring()
+            return self._keyring
 
     @abstractmethod
-    def keyring(self) -> Keyring:
-        """The vault's keys, created on first use only while the vault holds no record."""
+    def _load_keyring(self) -> Keyring:
+        """Read (or, for an empty vault, create) the keys and check they belong here."""
 
     def write_keyring(self, ring: Keyring) -> None:
         """Store a rotated key set (same fingerprint key); used by `deid keys rotate`."""
