@@ -141,18 +141,19 @@ class DynamoDBStore(VaultStore):
             return [fn(c) for c in chunks]
         return list(self._pool.map(fn, chunks))
 
-    def _batch_get(self, keys: Sequence[str], projection: str,
+    def _batch_get(self, keys: Sequence[str], projection: str | None,
                    consistent: bool = False) -> list[dict[str, Any]]:
-        """BatchGetItem in chunks of 100, in parallel, retrying UnprocessedKeys."""
+        """BatchGetItem in chunks of 100, in parallel, retrying UnprocessedKeys.
+        `projection` None reads whole items."""
         chunks = [list(keys[i : i + _GET_CHUNK]) for i in range(0, len(keys), _GET_CHUNK)]
 
         def get(chunk: list[str]) -> list[dict[str, Any]]:
-            request: dict[str, Any] = {self.table: {
-                "Keys": [{"pk": {"S": k}} for k in chunk],
-                "ProjectionExpression": projection,
-                "ExpressionAttributeNames": {"#pk": "pk"},
-                "ConsistentRead": consistent,
-            }}
+            spec: dict[str, Any] = {"Keys": [{"pk": {"S": k}} for k in chunk],
+                                    "ConsistentRead": consistent}
+            if projection is not None:
+                spec["ProjectionExpression"] = projection
+                spec["ExpressionAttributeNames"] = {"#pk": "pk"}
+            request: dict[str, Any] = {self.table: spec}
             items: list[dict[str, Any]] = []
             for attempt in range(_MAX_ATTEMPTS + 1):
                 out = self._call("batch_get_item", RequestItems=request)
@@ -461,27 +462,10 @@ class DynamoDBStore(VaultStore):
         last = int(head["seq"]["N"]) if head else 0
         for start in range(1, last + 1, 1000):
             keys = [f"audit#{s:012d}" for s in range(start, min(start + 1000, last + 1))]
-            for item in sorted(self._audit_items(keys), key=lambda i: i["pk"]["S"]):
+            for item in sorted(self._batch_get(keys, None, consistent=True),
+                               key=lambda i: i["pk"]["S"]):
                 yield {**json.loads(item["record"]["S"]), "seq": int(item["pk"]["S"][6:]),
                        "prev": item["prev"]["S"], "hash": item["hash"]["S"]}
-
-    def _audit_items(self, keys: list[str]) -> list[dict[str, Any]]:
-        chunks = [keys[i : i + _GET_CHUNK] for i in range(0, len(keys), _GET_CHUNK)]
-
-        def get(chunk: list[str]) -> list[dict[str, Any]]:
-            request: dict[str, Any] = {self.table: {
-                "Keys": [{"pk": {"S": k}} for k in chunk], "ConsistentRead": True}}
-            items: list[dict[str, Any]] = []
-            for attempt in range(_MAX_ATTEMPTS + 1):
-                out = self._call("batch_get_item", RequestItems=request)
-                items.extend(out.get("Responses", {}).get(self.table, []))
-                request = out.get("UnprocessedKeys") or {}
-                if not request:
-                    return items
-                _backoff(attempt)
-            raise VaultUnavailableError("deid vault: DynamoDB kept throttling audit reads")
-
-        return [i for part in self._map(get, chunks) for i in part]
 
     # -- stats ------------------------------------------------------------------------------
 
