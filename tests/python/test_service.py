@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import open_service_at as fresh_service
+from deid.cache import BoundedCache
 from deid.errors import (
     InvalidKindError,
     InvalidValueError,
@@ -19,7 +20,7 @@ from deid.errors import (
     VaultKeyError,
 )
 from deid.keys import key_file_for
-from deid.service import VaultTokenService, _BoundedCache
+from deid.service import VaultTokenService
 
 EMAILS = [f"person{i}@example.com" for i in range(300)]
 
@@ -277,7 +278,7 @@ def test_token_collisions_are_retried(service: VaultTokenService) -> None:
 
 
 def test_bounded_cache_never_exceeds_capacity_and_keeps_recent_entries() -> None:
-    cache = _BoundedCache(1000)
+    cache = BoundedCache(1000)
     for i in range(0, 50_000, 100):
         cache.store("ns", [(j, str(j)) for j in range(i, i + 100)])
         assert len(cache) <= 1000

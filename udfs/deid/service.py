@@ -10,12 +10,12 @@ that runs it) fails instead of storing a NULL, a raw value or an error string.
 from __future__ import annotations
 
 import datetime as _dt
-import threading
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from . import kinds as _kinds
+from .cache import BoundedCache
 from .errors import (
     DeidError,
     InvalidValueError,
@@ -46,55 +46,6 @@ class TokenService(Protocol):
                    query_id: str | None = None, host: str | None = None) -> list[str | None]: ...
 
 
-class _BoundedCache:
-    """Two generations of ``{namespace: {key: value}}``, at most `capacity` entries in all.
-
-    Lookups are one C-level ``map(dict.get, keys)`` on the hot path; when the newer
-    generation fills up it becomes the older one and the oldest is dropped, so entries used
-    since the last rollover survive and memory never exceeds the bound.
-    """
-
-    __slots__ = ("_cold", "_half", "_hot", "_hot_size", "_lock")
-
-    def __init__(self, capacity: int) -> None:
-        self._half = max(capacity // 2, 0)
-        self._hot: dict[Hashable, dict[Any, str]] = {}
-        self._cold: dict[Hashable, dict[Any, str]] = {}
-        self._hot_size = 0
-        self._lock = threading.Lock()
-
-    def lookup(self, namespace: Hashable, keys: list[Any]) -> list[str | None]:
-        hot = self._hot.get(namespace)
-        out: list[str | None] = list(map(hot.get, keys)) if hot else [None] * len(keys)
-        cold = self._cold.get(namespace)
-        if cold and out.count(None) > keys.count(None):
-            promote = []
-            for i, (k, v) in enumerate(zip(keys, out, strict=True)):
-                if v is None and k is not None:
-                    v = cold.get(k)
-                    if v is not None:
-                        out[i] = v
-                        promote.append((k, v))
-            self.store(namespace, promote)
-        return out
-
-    def store(self, namespace: Hashable, items: Sequence[tuple[Any, str]]) -> None:
-        if self._half == 0 or not items:
-            return
-        with self._lock:
-            hot = self._hot.setdefault(namespace, {})
-            for k, v in items:
-                if k not in hot:
-                    self._hot_size += 1
-                hot[k] = v
-                if self._hot_size >= self._half:
-                    self._cold, self._hot, self._hot_size = self._hot, {}, 0
-                    hot = self._hot.setdefault(namespace, {})
-
-    def __len__(self) -> int:
-        return sum(map(len, self._hot.values())) + sum(map(len, self._cold.values()))
-
-
 class VaultTokenService:
     """deid's own vault: convergent random tokens over a `VaultStore`.
 
@@ -107,8 +58,8 @@ class VaultTokenService:
                  detokenize_cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.store = store
         self.keyring = store.keyring()
-        self._token_cache = _BoundedCache(cache_size)
-        self._value_cache = _BoundedCache(detokenize_cache_size)
+        self._token_cache = BoundedCache(cache_size)
+        self._value_cache = BoundedCache(detokenize_cache_size)
 
     # -- tokenize -------------------------------------------------------------------------
 

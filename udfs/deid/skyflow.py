@@ -46,6 +46,7 @@ from urllib3 import exceptions as urllib3_exc
 from urllib3.util.retry import Retry
 
 from . import kinds as _kinds
+from .cache import BoundedCache
 from .errors import (
     ConfigError,
     DeidError,
@@ -636,44 +637,6 @@ class SkyflowClient:
 # the token service
 
 
-class _TokenCache:
-    """(domain, kind, raw value) → token, two generations, at most `capacity` entries.
-
-    Only tokens are cached: a token is what the warehouse stores anyway. Values are never
-    cached, so every detokenize reaches Skyflow (and its per-user policies and audit).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self._half = max(capacity // 2, 0)
-        self._hot: dict[Any, str] = {}
-        self._cold: dict[Any, str] = {}
-        self._lock = threading.Lock()
-
-    def get_many(self, keys: Sequence[Any]) -> list[str | None]:
-        hot, cold = self._hot, self._cold
-        out: list[str | None] = []
-        promote = []
-        for k in keys:
-            v = hot.get(k) if k is not None else None
-            if v is None and k is not None:
-                v = cold.get(k)
-                if v is not None:
-                    promote.append((k, v))
-            out.append(v)
-        if promote:
-            self.put_many(promote)
-        return out
-
-    def put_many(self, items: Sequence[tuple[Any, str]]) -> None:
-        if self._half == 0:
-            return
-        with self._lock:
-            for k, v in items:
-                self._hot[k] = v
-                if len(self._hot) >= self._half:
-                    self._cold, self._hot = self._hot, {}
-
-
 def _malformed(what: str, reason: str) -> VaultUnavailableError:
     return VaultUnavailableError(f"{what}: malformed Skyflow response: {reason} "
                                  "(nothing from the batch was used)")
@@ -706,7 +669,7 @@ class SkyflowTokenService:
 
             self._policy = open_store(settings.policy)
         self._keyring = self._policy.keyring() if self._policy is not None else None
-        self._cache = _TokenCache(settings.cache_size)
+        self._cache = BoundedCache(settings.cache_size)
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency,
                                         thread_name_prefix="deid-skyflow")
 
@@ -744,8 +707,10 @@ class SkyflowTokenService:
                  column: str | None = None) -> list[str | None]:
         spec = _kinds.parse_kind(kind)
         target = self._target(spec)
-        keys = [(spec.domain, spec.name, v) if v is not None else None for v in values]
-        out = self._cache.get_many(keys)
+        values = values if isinstance(values, list) else list(values)
+        # One cache namespace per domain and kind: a value has one token per domain.
+        namespace = (spec.domain, spec.name)
+        out = self._cache.lookup(namespace, values)
         pending: dict[str, list[int]] = {}
         for i, (v, t) in enumerate(zip(values, out, strict=True)):
             if t is None and v is not None:
@@ -778,10 +743,10 @@ class SkyflowTokenService:
         learned = []
         for canonical, token in zip(canonicals, tokens, strict=True):
             for raw in by_canonical[canonical]:
-                learned.append(((spec.domain, spec.name, raw), token))
+                learned.append((raw, token))
                 for i in pending[raw]:
                     out[i] = token
-        self._cache.put_many(learned)
+        self._cache.store(namespace, learned)
         return out
 
     @staticmethod
