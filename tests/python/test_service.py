@@ -79,8 +79,9 @@ def test_over_long_value_names_the_limit(service: VaultTokenService) -> None:
 
 
 def test_unknown_kind(service: VaultTokenService) -> None:
-    with pytest.raises(InvalidKindError, match="unknown kind 'passport'"):
+    with pytest.raises(InvalidKindError, match="unknown kind") as exc:
         service.tokenize("passport", ["x"])
+    assert "passport" not in str(exc.value)  # a kind from a column could be a value
 
 
 def test_non_text_value_is_refused(service: VaultTokenService) -> None:

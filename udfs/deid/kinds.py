@@ -252,8 +252,9 @@ def parse_kind(spec: str) -> KindSpec:
     kind = KINDS.get(name)
     if kind is None:
         raise InvalidKindError(
-            f"deid.tokenize: unknown kind {name[:40]!r}; expected one of {', '.join(KINDS)} "
-            "(optionally followed by ':<domain>')"
+            # Not echoed: a kind taken from a column by mistake could be a sensitive value.
+            f"deid.tokenize: unknown kind (not shown); expected one of {', '.join(KINDS)} "
+            "(optionally followed by ':<domain>'); the dbt macro names it at compile time"
         )
     if not sep:
         domain = name
