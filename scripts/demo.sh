@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-show() { dbt show --quiet --output json --limit 50 "$@" | python scripts/show.py; }
+# dbt writes `dbt show` results into logs/dbt.log: re-identified values must not land there.
+show() { dbt show --quiet --log-level-file none --output json --limit 50 "$@" | python scripts/show.py; }
 
 say "1/6  Land the raw data (seeds -> schema raw: names, emails, SSNs, card numbers in the clear)"
 dbt seed --quiet
@@ -21,7 +22,7 @@ deid grant pii_reader
 show --select reidentify_emails_by_age_and_zip3 --target pii_reader
 
 say "5/6  The same query as the default principal (target dev) is refused"
-if out=$(dbt show --quiet --select reidentify_emails_by_age_and_zip3 2>&1); then
+if out=$(dbt show --quiet --log-level-file none --select reidentify_emails_by_age_and_zip3 2>&1); then
   echo "UNEXPECTED: the default principal could detokenize" >&2
   exit 1
 fi

@@ -89,10 +89,14 @@ def test_granted_principal_reidentifies_and_default_is_refused(built: DbtProject
 
     open_service_at(built.path / ".deid" / "vault.db").store.grant("pii_reader", "test")
     ok = built.dbt("show", "--select", "reidentify_emails_by_age_and_zip3", "--target",
-                   "pii_reader", "--output", "json", "--limit", "100")
+                   "pii_reader", "--output", "json", "--limit", "100",
+                   "--log-level-file", "none")
     emails = {str(v) for v in raw_values() if "@" in str(v)}
     shown = [line for line in ok.stdout.splitlines() if "@example." in line]
     assert shown and all(any(e in line for e in emails) for line in shown)
+    logs = "".join(p.read_text(errors="replace") for p in (built.path / "logs").rglob("*")
+                   if p.is_file())
+    assert not [e for e in emails if e in logs]  # re-identified values stay out of dbt.log
     denied = built.dbt("show", "--select", "reidentify_emails_by_age_and_zip3", check=False)
     assert denied.returncode != 0
     assert "permission denied: principal 'dbt_transformer'" in denied.stdout + denied.stderr

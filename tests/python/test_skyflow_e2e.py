@@ -93,7 +93,8 @@ def test_dbt_build_stores_skyflow_tokens_and_reidentifies_through_skyflow(env):
 
     # A principal in the policy re-identifies through Skyflow, with its name in the ctx claim.
     shown = project.dbt("show", "--select", "reidentify_emails_by_age_and_zip3", "--target",
-                        "pii_reader", "--output", "json", "--limit", "20", "--quiet")
+                        "pii_reader", "--output", "json", "--limit", "20", "--quiet",
+                        "--log-level-file", "none")
     out = json.loads(shown.stdout[shown.stdout.index("{"):])["show"]
     assert out, "the analysis returns rows"
     by_token = {fake.token_for("persons", "email", e): e for e in emails}
