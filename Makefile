@@ -30,11 +30,11 @@ demo: $(VENV)/.demo profiles.yml
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: $(VENV)/.dev
-	$(BIN)/ruff check udfs tests scripts bench
+	$(BIN)/ruff check udfs tools tests scripts bench
 	$(BIN)/pytest
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check udfs tests scripts bench
+	$(BIN)/ruff check udfs tools tests scripts bench
 	$(BIN)/sqlfluff lint models analyses
 
 bench: $(VENV)/.dev

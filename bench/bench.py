@@ -75,7 +75,7 @@ def child(args: list[str]) -> dict[str, float]:
 def phase_load(rows: int, distinct: float) -> dict[str, float]:
     import duckdb
 
-    from deid.synth import write_tables
+    from deid_synth import write_tables
 
     csv_dir = OUT / f"raw_{rows}_{distinct}"
     if not (csv_dir / "customers.csv").exists():

@@ -34,7 +34,7 @@ from deid.lambda_handler import (  # noqa: E402
     _wire_size,
 )
 from deid.service import VaultTokenService  # noqa: E402
-from deid.sqlite_store import SQLiteStore  # noqa: E402
+from deid.stores.sqlite import SQLiteStore  # noqa: E402
 
 MAX_BATCH_SIZE = 5 * 1024 * 1024
 

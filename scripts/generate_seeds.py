@@ -1,6 +1,6 @@
 """Regenerate the committed dbt seeds ``seeds/raw/raw_<table>.csv``.
 
-The seeds are ``deid.synth.write_tables`` output for 2,000 customers, seed 42 and
+The seeds are ``deid_synth.write_tables`` output for 2,000 customers, seed 42 and
 distinct ratio 1.0. Generation is deterministic, so
 
     python scripts/generate_seeds.py && git diff --exit-code seeds/
@@ -22,10 +22,10 @@ SEED = 42
 DISTINCT_RATIO = 1.0
 
 try:
-    from deid.synth import ALL_TABLES, write_tables
+    from deid_synth import ALL_TABLES, write_tables
 except ImportError:  # not installed: use the source tree
     sys.path.insert(0, str(REPO / "udfs"))
-    from deid.synth import ALL_TABLES, write_tables
+    from deid_synth import ALL_TABLES, write_tables
 
 
 def generate(dest: Path = SEEDS_DIR) -> dict[str, int]:

@@ -1,4 +1,4 @@
-{# The vault's tables in `schema`, owned by `owner` (same DDL as deid.postgres_store.vault_ddl). #}
+{# The vault's tables in `schema`, owned by `owner` (same DDL as deid.stores.postgres.vault_ddl). #}
 {% macro postgres__create_vault(schema, owner) -%}
 create schema if not exists {{ schema }};
 alter schema {{ schema }} owner to {{ owner }};

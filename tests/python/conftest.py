@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deid.service import VaultTokenService
-from deid.sqlite_store import SQLiteStore
+from deid.stores.sqlite import SQLiteStore
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,6 @@ import pytest
 boto3 = pytest.importorskip("boto3")
 
 from deid import kinds  # noqa: E402
-from deid.dynamodb_store import DynamoDBStore, open_store  # noqa: E402
 from deid.errors import (  # noqa: E402
     ConfigError,
     DeidError,
@@ -29,6 +28,7 @@ from deid.errors import (  # noqa: E402
     VaultUnavailableError,
 )
 from deid.service import VaultTokenService  # noqa: E402
+from deid.stores.dynamodb import DynamoDBStore, open_store  # noqa: E402
 
 REGION = "us-east-1"
 

@@ -15,7 +15,7 @@ from deid import kinds
 from deid import lambda_handler as lh
 from deid.lambda_handler import LAMBDA_PAYLOAD_LIMIT, HandlerConfig, RedshiftUDF
 from deid.service import VaultTokenService
-from deid.sqlite_store import SQLiteStore
+from deid.stores.sqlite import SQLiteStore
 
 PAYLOADS = Path(__file__).parent / "payloads"
 

@@ -16,7 +16,7 @@ import pytest
 
 import pg_cluster
 from deid import kinds as _kinds
-from deid import postgres_store
+from deid.stores import postgres as postgres_store
 from deid.vault import open_store
 
 pytestmark = pytest.mark.e2e

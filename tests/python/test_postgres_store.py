@@ -16,9 +16,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import pg_cluster
 from deid import keys as _keys
-from deid import postgres_store
 from deid.errors import ConfigError, PermissionDeniedError, VaultKeyError
 from deid.service import VaultTokenService
+from deid.stores import postgres as postgres_store
 from deid.vault import open_store
 
 ROOT = Path(__file__).resolve().parents[2]

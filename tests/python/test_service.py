@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import open_service_at as fresh_service
-from deid.cache import BoundedCache
+from deid._cache import BoundedCache
 from deid.errors import (
     InvalidKindError,
     InvalidValueError,
@@ -304,7 +304,7 @@ def test_vault_unavailable_fails_closed(tmp_path: Path) -> None:
 
 def test_sqlite_url_parameters(tmp_path: Path) -> None:
     from deid.errors import ConfigError
-    from deid.sqlite_store import open_store
+    from deid.stores.sqlite import open_store
 
     store = open_store(f"sqlite:///{tmp_path / 'p.db'}?synchronous=normal&cache_mib=8")
     db = store._db()

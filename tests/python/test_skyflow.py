@@ -21,7 +21,8 @@ from deid.errors import (
     VaultUnavailableError,
 )
 from deid.service import VaultTokenService
-from deid.sqlite_store import SQLiteStore
+from deid.skyflow import settings as _sf_settings
+from deid.stores.sqlite import SQLiteStore
 from deid.vault import VaultConfig, open_service
 from fake_skyflow import VAULT_ID, FakeSkyflow
 
@@ -540,7 +541,7 @@ def test_access_token_expiry_is_read_from_the_jwt():
     exp = int(time.time()) + 120
     token = jwt.encode({"exp": exp}, "k" * 32, algorithm="HS256")
     assert skyflow.TokenProvider._expiry(token, 0) == exp
-    assert skyflow.TokenProvider._expiry("opaque", 100) == 100 + skyflow.ASSERTION_LIFETIME
+    assert skyflow.TokenProvider._expiry("opaque", 100) == 100 + _sf_settings.ASSERTION_LIFETIME
 
 
 # -- engines --------------------------------------------------------------------------------

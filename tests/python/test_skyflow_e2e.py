@@ -13,7 +13,7 @@ import pytest
 
 from dbt_project_copy import ROOT, copy_project
 from deid import kinds as _kinds
-from deid.sqlite_store import SQLiteStore
+from deid.stores.sqlite import SQLiteStore
 from fake_skyflow import DEFAULT_SCHEMA, FakeSkyflow
 
 pytestmark = pytest.mark.e2e

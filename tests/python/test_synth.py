@@ -1,4 +1,4 @@
-"""Tests for the synthetic data generator ``deid.synth`` and the committed seeds."""
+"""Tests for the synthetic data generator ``deid_synth`` and the committed seeds."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from types import ModuleType
 
 import pytest
 
-from deid import synth
-from deid.synth import ALL_TABLES, COLUMNS, write_tables
+import deid_synth as synth
+from deid_synth import ALL_TABLES, COLUMNS, write_tables
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = 300

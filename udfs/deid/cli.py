@@ -16,7 +16,7 @@ import click
 
 from .errors import DeidError
 from .service import VaultTokenService
-from .store import StoredValue
+from .stores import StoredValue
 from .vault import VaultConfig, open_store
 
 _vault_option = click.option(
@@ -182,7 +182,7 @@ def stats(vault: str | None, as_json: bool) -> None:
 @click.option("--distinct-ratio", type=float, default=1.0, show_default=True)
 def synth(out: Path, customers: int, seed: int, distinct_ratio: float) -> None:
     """Write synthetic raw landing tables (CSV) at any scale."""
-    from .synth import write_tables
+    from deid_synth import write_tables
 
     counts = write_tables(out, customers, seed=seed, distinct_ratio=distinct_ratio)
     for table, n in counts.items():

@@ -28,8 +28,8 @@ from .errors import (
     VaultKeyError,
     VaultUnavailableError,
 )
-from .postgres_store import DEFAULT_SCHEMA, SpiStore
 from .service import VaultTokenService
+from .stores.postgres import DEFAULT_SCHEMA, SpiStore
 
 # Bounded per statement: a statement over many distinct values never holds more than this.
 CACHE_SIZE = 100_000

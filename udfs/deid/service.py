@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from . import kinds as _kinds
-from .cache import BoundedCache
+from ._cache import BoundedCache
 from .errors import (
     DeidError,
     InvalidValueError,
@@ -24,7 +24,7 @@ from .errors import (
     VaultKeyError,
     VaultUnavailableError,
 )
-from .store import GENESIS, NewRecord, StoredValue, VaultStore
+from .stores import GENESIS, NewRecord, StoredValue, VaultStore
 
 DEFAULT_CACHE_SIZE = 1_000_000
 _MAX_COLLISION_RETRIES = 8

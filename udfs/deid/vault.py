@@ -16,22 +16,21 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from ._url import scheme_of, sqlite_path
 from .errors import ConfigError
 from .service import DEFAULT_CACHE_SIZE, TokenService, VaultTokenService
-from .store import VaultStore
+from .stores import VaultStore
 
 DEFAULT_VAULT = "sqlite:///.deid/vault.db"
 
 # scheme -> "module:function" returning a VaultStore (ours) or a TokenService (external).
 _STORES = {
-    "sqlite": "deid.sqlite_store:open_store",
-    "postgresql": "deid.postgres_store:open_store",
-    "postgres": "deid.postgres_store:open_store",
-    "dynamodb": "deid.dynamodb_store:open_store",
+    "sqlite": "deid.stores.sqlite:open_store",
+    "postgresql": "deid.stores.postgres:open_store",
+    "postgres": "deid.stores.postgres:open_store",
+    "dynamodb": "deid.stores.dynamodb:open_store",
 }
 _SERVICES = {
     "skyflow": "deid.skyflow:open_service",
@@ -68,10 +67,6 @@ def _load(target: str) -> Any:
                           f"({exc.name} missing?); install deid with the matching extra") from None
 
 
-def scheme_of(url: str) -> str:
-    return urlsplit(url).scheme.lower() if "://" in url else "sqlite"
-
-
 def open_store(url: str) -> VaultStore:
     """A deid vault backend (not Skyflow, which is a service of its own)."""
     scheme = scheme_of(url)
@@ -94,15 +89,4 @@ def open_service(config: VaultConfig) -> TokenService:
                              detokenize_cache_size=config.detokenize_cache_size)
 
 
-def sqlite_path(url: str) -> Path:
-    """``sqlite:///rel`` → rel, ``sqlite:////abs`` → /abs; a bare path is taken as is."""
-    if "://" not in url:
-        return Path(url)
-    parts = urlsplit(url)  # the query (vault parameters) is not part of the path
-    if parts.netloc or not parts.path.startswith("/"):
-        raise ConfigError("deid vault: an SQLite URL is sqlite:///relative/path or "
-                          "sqlite:////absolute/path")
-    path = parts.path[1:]
-    if not path:
-        raise ConfigError("deid vault: the SQLite URL names no file")
-    return Path(path)
+__all__ = ["DEFAULT_VAULT", "VaultConfig", "open_service", "open_store", "scheme_of", "sqlite_path"]

@@ -37,9 +37,9 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from . import keys as _keys
-from .errors import ConfigError, VaultKeyError, VaultUnavailableError
-from .store import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
+from .. import keys as _keys
+from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
+from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
 
 DEFAULT_SCHEMA = "deid_vault"
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")

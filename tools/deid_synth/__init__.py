@@ -48,7 +48,7 @@ every person appears at least once, and every row keeps its own ``customer_id`` 
 
 Usage::
 
-    python -m deid.synth --out DIR --customers N [--seed S] [--distinct-ratio R]
+    python -m deid_synth --out DIR --customers N [--seed S] [--distinct-ratio R]
                          [--tables customers,orders]
 """
 
@@ -785,7 +785,7 @@ def write_tables(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m deid.synth",
+        prog="python -m deid_synth",
         description="Write synthetic pharmacy-chain CSVs (customers, stores, orders, "
         "prescriptions, payments).",
     )

@@ -53,9 +53,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import keys as _keys
-from .errors import ConfigError, VaultKeyError, VaultUnavailableError
-from .store import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
+from .. import keys as _keys
+from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
+from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
 
 # DynamoDB limits: BatchGetItem 100 keys, TransactWriteItems 100 items (two per new token).
 _GET_CHUNK = 100

@@ -16,10 +16,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from . import keys as _keys
-from .errors import ConfigError, VaultKeyError, VaultUnavailableError
-from .store import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
+from .. import keys as _keys
+from .._url import sqlite_path
+from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
+from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
 
 _SCHEMA_VERSION = "1"
 # Keep well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
@@ -284,10 +286,6 @@ class SQLiteStore(VaultStore):
 
 def open_store(url: str) -> SQLiteStore:
     """``sqlite:///path[?synchronous=full|normal&cache_mib=64&mmap_mib=1024]``."""
-    from urllib.parse import parse_qs, urlsplit
-
-    from .vault import sqlite_path
-
     params = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
     unknown = set(params) - {"synchronous", "cache_mib", "mmap_mib"}
     if unknown:

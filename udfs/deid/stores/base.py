@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
-from .keys import Keyring
+from ..errors import ConfigError
+from ..keys import Keyring
 
 
 @dataclass(frozen=True, slots=True)

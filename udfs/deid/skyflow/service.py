@@ -1,0 +1,290 @@
+"""Skyflow's vault as a deid `TokenService`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .. import kinds as _kinds
+from .._cache import BoundedCache
+from ..errors import (
+    ConfigError,
+    InvalidValueError,
+    PermissionDeniedError,
+    UnknownTokenError,
+    VaultUnavailableError,
+)
+from ..stores import VaultStore
+from ..vault import open_store
+from .auth import Credentials, load_credentials
+from .client import SkyflowClient
+from .settings import _CONTROL, _MAX_TOKEN_CHARS, SkyflowSettings, Target, _spec_key, parse_url
+
+# ---------------------------------------------------------------------------------------
+# the token service
+
+
+def _malformed(what: str, reason: str) -> VaultUnavailableError:
+    return VaultUnavailableError(f"{what}: malformed Skyflow response: {reason} "
+                                 "(nothing from the batch was used)")
+
+
+def _records(doc: dict[str, Any], expected: int, what: str) -> list[dict[str, Any]]:
+    """The response's records: exactly `expected` JSON objects, in request order."""
+    records = doc.get("records")
+    if not isinstance(records, list) or len(records) != expected:
+        raise _malformed(what, f"expected {expected} records, got "
+                         f"{len(records) if isinstance(records, list) else 'none'}")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise _malformed(what, f"record {i + 1} is not an object")
+    return records
+
+
+class SkyflowTokenService:
+    """A `TokenService` over a Skyflow vault. Safe to share between threads."""
+
+    def __init__(self, settings: SkyflowSettings, *, credentials: Credentials | None = None,
+                 policy_store: VaultStore | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.client = SkyflowClient(settings, credentials or load_credentials(
+            settings.credentials), clock=clock)
+        self._policy = policy_store
+        if self._policy is None and settings.policy not in (None, "skyflow"):
+            self._policy = open_store(settings.policy)
+        self._keyring = self._policy.keyring() if self._policy is not None else None
+        self._cache = BoundedCache(settings.cache_size)
+        self._pool = ThreadPoolExecutor(max_workers=settings.concurrency,
+                                        thread_name_prefix="deid-skyflow")
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _target(self, spec: _kinds.KindSpec) -> Target:
+        key = _spec_key(spec)
+        target = self.settings.mapping.get(key)
+        if target is None:
+            # Never fall back to the kind's default column: that would link a separate domain.
+            raise ConfigError(f"deid.tokenize: kind {key!r} has no Skyflow column; add "
+                              f'"{key}": {{"table": …, "column": …}} to the mapping file')
+        if self.settings.mode == "lookup" and target.column_group is None:
+            raise ConfigError(f"deid.tokenize: kind {key!r}: mode=lookup needs a "
+                              "column_group for it in the mapping file")
+        return target
+
+    def _map_chunks(self, fn: Callable[[list[str]], list[str]], items: list[str],
+                    size: int) -> list[str]:
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        if len(chunks) == 1:
+            return fn(chunks[0])
+        out: list[str] = []
+        for part in self._pool.map(fn, chunks):  # map keeps the chunks' order
+            out.extend(part)
+        return out
+
+    @staticmethod
+    def _scope(role: str | None) -> str | None:
+        return f"role:{role}" if role else None
+
+    # -- tokenize ----------------------------------------------------------------------------
+
+    def tokenize(self, kind: str, values: Sequence[str | None], *,
+                 column: str | None = None) -> list[str | None]:
+        spec = _kinds.parse_kind(kind)
+        target = self._target(spec)
+        values = values if isinstance(values, list) else list(values)
+        # One cache namespace per domain and kind: a value has one token per domain.
+        namespace = (spec.domain, spec.name)
+        out = self._cache.lookup(namespace, values)
+        pending: dict[str, list[int]] = {}
+        for i, (v, t) in enumerate(zip(values, out, strict=True)):
+            if t is None and v is not None:
+                if not isinstance(v, str):
+                    raise InvalidValueError(spec.name, "is not text", row=i + 1, column=column)
+                pending.setdefault(v, []).append(i)
+        if not pending:
+            return out
+        by_canonical: dict[str, list[str]] = {}
+        for raw, rows in pending.items():
+            try:
+                canonical, _match = _kinds.normalize(spec.kind, raw)
+            except _kinds._Invalid as exc:
+                raise InvalidValueError(spec.name, str(exc), row=rows[0] + 1,
+                                        column=column) from None
+            by_canonical.setdefault(canonical, []).append(raw)
+
+        canonicals = list(by_canonical)
+        what = f"deid.tokenize: kind {_spec_key(spec)!r}" + (f", column {column!r}"
+                                                             if column else "")
+        if self.settings.mode == "lookup":
+            def call(chunk: list[str]) -> list[str]:
+                return self._lookup(target, chunk, what)
+        else:
+            def call(chunk: list[str]) -> list[str]:
+                return self._upsert(target, chunk, what)
+        tokens = self._map_chunks(call, canonicals, self.settings.batch_size)
+        if len(tokens) != len(canonicals):  # pragma: no cover - guarded per chunk
+            raise _malformed(what, "token count differs from value count")
+        learned = []
+        for canonical, token in zip(canonicals, tokens, strict=True):
+            for raw in by_canonical[canonical]:
+                learned.append((raw, token))
+                for i in pending[raw]:
+                    out[i] = token
+        self._cache.store(namespace, learned)
+        return out
+
+    @staticmethod
+    def _check_token(token: Any, value: str, what: str, index: int, target: Target) -> str:
+        if not isinstance(token, str) or not token:
+            raise _malformed(what, f"record {index + 1} of the request has no token")
+        if token == value:
+            # The column is not tokenized (or the token type is a pass-through): the
+            # warehouse would receive the clear value.
+            raise VaultUnavailableError(
+                f"{what}: Skyflow returned the value itself as its token for record "
+                f"{index + 1}: enable tokenization on {target.table}.{target.column} (fail closed)")
+        return token
+
+    def _upsert(self, target: Target, chunk: list[str], what: str) -> list[str]:
+        body = {"records": [{"fields": {target.column: v}} for v in chunk],
+                "tokenization": True, "upsert": target.column}
+        doc = self.client.post(f"/{target.table}", body, what=what,
+                               scope=self._scope(self.settings.tokenize_role))
+        records = _records(doc, len(chunk), what)
+        out = []
+        for i, (rec, value) in enumerate(zip(records, chunk, strict=True)):
+            if rec.get("error"):
+                raise VaultUnavailableError(f"{what}: Skyflow reported an error for record "
+                                            f"{i + 1} of the request (the value is not shown)")
+            tokens = rec.get("tokens")
+            if not isinstance(tokens, dict):
+                raise _malformed(what, f"record {i + 1} has no tokens (is tokenization "
+                                 "enabled on the column?)")
+            out.append(self._check_token(tokens.get(target.column), value, what, i, target))
+        return out
+
+    def _lookup(self, target: Target, chunk: list[str], what: str) -> list[str]:
+        body = {"tokenizationParameters": [{"value": v, "columnGroup": target.column_group}
+                                           for v in chunk]}
+        doc = self.client.post("/tokenize", body, what=what,
+                               scope=self._scope(self.settings.tokenize_role))
+        records = _records(doc, len(chunk), what)
+        out = []
+        for i, (rec, value) in enumerate(zip(records, chunk, strict=True)):
+            if rec.get("error"):
+                raise VaultUnavailableError(f"{what}: Skyflow reported an error for record "
+                                            f"{i + 1} of the request (the value is not shown; "
+                                            "mode=lookup needs values already in the vault)")
+            out.append(self._check_token(rec.get("token"), value, what, i, target))
+        return out
+
+    # -- detokenize --------------------------------------------------------------------------
+
+    def detokenize(self, tokens: Sequence[str | None], *, principal: str,
+                   query_id: str | None = None, host: str | None = None) -> list[str | None]:
+        what = "deid.detokenize"
+        present = [t for t in tokens if t is not None]
+        bad_row = None
+        for i, t in enumerate(tokens):
+            if t is None:
+                continue
+            if (not isinstance(t, str) or not t or len(t) > _MAX_TOKEN_CHARS
+                    or _CONTROL.search(t)):
+                bad_row = i + 1
+                break
+        self._gate(principal, len(present), query_id, host, rejected=bad_row is not None)
+        if bad_row is not None:
+            raise UnknownTokenError(f"{what}: row {bad_row} of the batch is not a Skyflow "
+                                    "token (the input is not shown)")
+        if not present:
+            return [None] * len(tokens)
+        distinct = list(dict.fromkeys(present))
+        ctx = self._ctx(principal, query_id)
+        scope = self._scope(self.settings.detokenize_role)
+
+        def call(chunk: list[str]) -> list[str]:
+            return self._detokenize_chunk(chunk, ctx, scope, what)
+
+        values = dict(zip(distinct, self._map_chunks(call, distinct,
+                                                     self.settings.detokenize_batch_size),
+                          strict=True))
+        return [values[t] if t is not None else None for t in tokens]
+
+    def _ctx(self, principal: str, query_id: str | None) -> dict[str, str] | None:
+        mode = self.settings.ctx
+        if mode == "none":
+            return None
+        ctx = {"user": str(principal)}
+        if mode == "user+query" and query_id is not None:
+            ctx["query_id"] = str(query_id)
+        return ctx
+
+    def _detokenize_chunk(self, chunk: list[str], ctx: dict[str, str] | None,
+                          scope: str | None, what: str) -> list[str]:
+        body = {"detokenizationParameters": [{"token": t, "redaction": "PLAIN_TEXT"}
+                                             for t in chunk],
+                "continueOnError": False}
+        doc = self.client.post("/detokenize", body, what=what, scope=scope, ctx=ctx)
+        records = _records(doc, len(chunk), what)
+        out = []
+        for i, (rec, token) in enumerate(zip(records, chunk, strict=True)):
+            if rec.get("error"):
+                raise UnknownTokenError(f"{what}: Skyflow reported an error for record "
+                                        f"{i + 1} of the request (token not found or not "
+                                        "allowed; the token is not shown)")
+            if rec.get("token") != token:
+                raise _malformed(what, f"record {i + 1} answers a different token than was "
+                                 "asked (out of order)")
+            value = rec.get("value")
+            if not isinstance(value, str) or value == token:
+                raise _malformed(what, f"record {i + 1} carries no plain-text value")
+            out.append(value)
+        return out
+
+    # -- deid-side policy and audit ----------------------------------------------------------
+
+    def _gate(self, principal: str, count: int, query_id: str | None, host: str | None,
+              *, rejected: bool) -> None:
+        if self.settings.policy is None:
+            raise ConfigError(
+                "deid.detokenize: the Skyflow vault URL has no policy= parameter: set "
+                "policy=<deid vault URL> (e.g. sqlite:///.deid/skyflow-policy.db) for deid's "
+                "detokenize policy and audit log, or policy=skyflow to leave both to "
+                "Skyflow's roles and audit")
+        if self._policy is None:  # policy=skyflow: delegated, see docs/skyflow.md
+            return
+        allowed = self._policy.is_allowed(principal)
+        outcome = "rejected" if allowed and rejected else ("allowed" if allowed else "denied")
+        record = {
+            "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
+            "action": "detokenize",
+            "principal": principal,
+            "outcome": outcome,
+            "count": count,
+            "kinds": {},  # Skyflow tokens do not carry their kind
+            "query_id": query_id,
+            "host": host,
+            "vault": self.settings.label,
+        }
+        assert self._keyring is not None
+        self._policy.append_audit(record, self._keyring.chain)
+        if not allowed:
+            raise PermissionDeniedError(
+                f"deid.detokenize: permission denied: principal {principal!r} is not in the "
+                "detokenize policy (grant it in the policy= vault: deid grant <principal>)")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+        if self._policy is not None:
+            self._policy.close()
+
+
+def open_service(config: Any) -> SkyflowTokenService:
+    """Entry point for `deid.vault.open_service` (scheme ``skyflow``)."""
+    settings = parse_url(config.url, cache_size=config.cache_size)
+    return SkyflowTokenService(settings)
