@@ -1,6 +1,6 @@
 {# Validate a kind (and domain) at compile time and render the UDF's kind argument. #}
 {% macro kind_spec(kind, domain=none) -%}
-    {%- set kinds = ['email', 'phone', 'ssn', 'card', 'name', 'address', 'date', 'string'] -%}
+    {%- set kinds = ['email', 'phone', 'ssn', 'card', 'name', 'address', 'date', 'number', 'timestamp', 'string'] -%}
     {%- if kind not in kinds -%}
         {{ exceptions.raise_compiler_error("deid.tokenize: unknown kind '" ~ kind ~ "'; expected one of " ~ kinds | join(', ')) }}
     {%- endif -%}

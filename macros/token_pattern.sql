@@ -8,6 +8,8 @@
         'name': '^name_[a-z2-7]{24}$',
         'address': '^addr_[a-z2-7]{24}$',
         'date': '^date_[a-z2-7]{24}$',
+        'number': '^num_[a-z2-7]{24}$',
+        'timestamp': '^ts_[a-z2-7]{24}$',
         'string': '^str_[a-z2-7]{24}$',
     } -%}
     {%- if kind not in patterns -%}

@@ -125,3 +125,98 @@ def test_sql_token_patterns_match_python_patterns() -> None:
         for t in kind.new_tokens(50, ["4111111111111111"] * 50):
             assert sql_re.fullmatch(t)
         assert sql_re.pattern.replace("\\", "") == kind.token_pattern.pattern.replace("\\", "")
+
+
+# -- one value, one token: numbers, timestamps, invisible characters -----------------------
+
+
+@pytest.mark.parametrize("spellings", [
+    ["12.50", "12.5", " 12.500 ", "1.25e1", "+12.5"],
+    ["1", "1.0", "1.", "01", "1e0", "0.1e1"],
+    ["0", "-0", "0.000", "+0e5"],
+    ["-3.25", "-3.250", "-325e-2"],
+    ["1000", "1e3", "1000.0"],
+])
+def test_spellings_of_one_number_share_one_token(service, spellings: list[str]) -> None:
+    """The attack: `12.50` (a DECIMAL(10,2) cast to text) and `12.5` (a double) got two
+    tokens under the `string` kind. The `number` kind makes them one."""
+    assert len(set(service.tokenize("string", spellings))) == len(set(spellings))  # the attack
+    assert len(set(service.tokenize("number", spellings))) == 1
+
+
+def test_number_canonical_form_is_a_plain_decimal() -> None:
+    assert canon("number", "1.25e1") == "12.5"
+    assert canon("number", "1e3") == "1000"
+    assert canon("number", "-0.000") == "0"
+    assert canon("number", "123456789012345678901234567890.000100") == \
+        "123456789012345678901234567890.0001"
+
+
+@pytest.mark.parametrize("bad", ["1,000", "NaN", "inf", "-Infinity", "12.5.1", "", "0x10",
+                                 "1e99999", "twelve"])
+def test_number_refuses_what_is_not_a_plain_number(bad: str) -> None:
+    with pytest.raises(kinds._Invalid, match="number"):
+        canon("number", bad)
+
+
+def test_timestamps_of_one_instant_share_one_token(service) -> None:
+    """The attack: one `timestamptz` cast to text under two TimeZone settings printed two
+    strings and got two tokens; the `timestamp` kind keys on the instant in UTC."""
+    duckdb = pytest.importorskip("duckdb")
+    printed = []
+    con = duckdb.connect()
+    for zone in ("UTC", "Asia/Kolkata", "America/Los_Angeles"):
+        con.execute(f"set TimeZone = '{zone}'")
+        printed.append(con.execute(
+            "select cast(timestamptz '2024-01-02 03:04:05.25+00' as varchar)").fetchall()[0][0])
+    assert len(set(printed)) == 3  # three spellings of one instant
+    assert len(set(service.tokenize("string", printed))) == 3  # the attack
+    tokens = service.tokenize("timestamp", [*printed, "2024-01-02T03:04:05.250Z"])
+    assert len(set(tokens)) == 1
+    assert service.store.is_allowed  # keep the vault open for detokenize below
+    service.store.grant("reader", "admin")
+    assert service.detokenize(tokens[:1], principal="reader") == ["2024-01-02T03:04:05.250000Z"]
+
+
+def test_a_timestamp_without_offset_is_utc() -> None:
+    assert canon("timestamp", "2024-01-02 03:04:05") == "2024-01-02T03:04:05Z"
+    assert canon("timestamp", "2024-01-02T05:04:05+02:00") == "2024-01-02T03:04:05Z"
+
+
+@pytest.mark.parametrize("bad", ["2024-13-01 00:00:00", "yesterday", "", "2024-01-02 25:00"])
+def test_timestamp_refuses_what_is_not_iso_8601(bad: str) -> None:
+    with pytest.raises(kinds._Invalid, match="timestamp"):
+        canon("timestamp", bad)
+
+
+INVISIBLE = ["\u200b", "\u200e", "\u200f", "\u202e", "\u2066", "\u2069", "\ufeff", "\u00ad",
+             "\u2060", "\u061c"]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=lambda c: f"U+{ord(c):04X}")
+@pytest.mark.parametrize(("kind", "value"), [
+    ("email", "jane.doe@example.com"), ("phone", "+12125550142"), ("ssn", "901-23-4567"),
+    ("card", "4111111111111111"), ("name", "Jane Doe"), ("address", "1 Main St"),
+    ("date", "1990-01-02"), ("number", "12.5"), ("timestamp", "2024-01-02T03:04:05Z"),
+    ("string", "order note"),
+])
+def test_invisible_characters_do_not_make_a_second_person(service, kind: str, value: str,
+                                                         char: str) -> None:
+    """The attack: a zero-width or right-to-left control character inside an email or a
+    name gave the same rendered value a second token. Every kind now ignores them."""
+    disguised = value[:3] + char + value[3:]
+    assert service.tokenize(kind, [disguised]) == service.tokenize(kind, [value])
+    assert char not in canon(kind, disguised)
+
+
+@pytest.mark.parametrize("kind", ["name", "address", "string"])
+def test_joiners_are_kept_for_display_but_ignored_for_matching(kind: str) -> None:
+    """ZWJ/ZWNJ change how some scripts render (Persian, Indic, emoji): kept in the stored
+    form, ignored for matching, so the first spelling seen is what detokenize returns."""
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+    assert canon(kind, persian) == persian
+    assert match(kind, persian) == match(kind, persian.replace("\u200c", ""))
+
+
+def test_joiners_are_dropped_where_they_never_belong() -> None:
+    assert canon("email", "jane\u200d@example.com") == "jane@example.com"

@@ -23,6 +23,8 @@ card     ``9`` + 11 digits + last four           16 digits, MII 9, always fails 
 name     ``name_<24 base32>``                    recognizable prefix
 address  ``addr_<24 base32>``
 date     ``date_<24 base32>``
+number   ``num_<24 base32>``
+timestamp ``ts_<24 base32>``
 string   ``str_<24 base32>``
 ======== ======================================= =====================================
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import decimal
 import re
 import secrets
 import unicodedata
@@ -161,15 +164,33 @@ def _check_text(value: str) -> None:
         raise _Invalid("contains a control character")
 
 
+# Invisible format characters (Unicode category Cf): bidi embeddings, overrides and isolates,
+# marks (LRM, RLM, ALM), zero-width space, word joiner, BOM, soft hyphen, invisible operators.
+# Rendered, "a\u200b@x.com" and "a@x.com" are the same address, so they must be the same
+# person: every kind drops these from what it fingerprints. ZWJ and ZWNJ (U+200C, U+200D)
+# change how some scripts and emoji render, so names, addresses and strings keep them in the
+# canonical form they store and ignore them only for matching; every other kind drops them.
+_INVISIBLE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+                        "\u2066-\u206f\ufeff\ufff9-\ufffb]")
+_JOINERS = re.compile("[\u200c\u200d]")
+_INVISIBLE_NOT_JOINERS = re.compile("[\u00ad\u061c\u180e\u200b\u200e\u200f\u202a-\u202e"
+                                    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]")
+
+
+def _visible(value: str) -> str:
+    """The value without invisible format characters (fast path: most values have none)."""
+    return _INVISIBLE.sub("", value) if _INVISIBLE.search(value) else value
+
+
 def _norm_email(value: str) -> tuple[str, str]:
-    v = unicodedata.normalize("NFKC", value).strip().lower()
+    v = _visible(unicodedata.normalize("NFKC", value)).strip().lower()
     if not _EMAIL.fullmatch(v):
         raise _Invalid("is not an email address (expected exactly one '@' and a dotted domain)")
     return v, v
 
 
 def _norm_phone(value: str) -> tuple[str, str]:
-    v = _PHONE_SEPARATORS.sub("", unicodedata.normalize("NFKC", value))
+    v = _PHONE_SEPARATORS.sub("", _visible(unicodedata.normalize("NFKC", value)))
     plus = v.startswith("+")
     digits = v[1:] if plus else v
     if not _DIGITS.fullmatch(digits or "x"):
@@ -187,7 +208,7 @@ def _norm_phone(value: str) -> tuple[str, str]:
 
 
 def _norm_ssn(value: str) -> tuple[str, str]:
-    m = _SSN.fullmatch(value.strip())
+    m = _SSN.fullmatch(_visible(value).strip())
     if not m:
         raise _Invalid("is not an SSN (expected 9 digits, optionally as AAA-GG-SSSS)")
     v = f"{m[1]}-{m[2]}-{m[3]}"
@@ -195,7 +216,7 @@ def _norm_ssn(value: str) -> tuple[str, str]:
 
 
 def _norm_card(value: str) -> tuple[str, str]:
-    v = _CARD_SEPARATORS.sub("", value)
+    v = _CARD_SEPARATORS.sub("", _visible(value))
     if not _DIGITS.fullmatch(v or "x") or not 12 <= len(v) <= 19:
         raise _Invalid("is not a card number (12 to 19 digits, spaces or dashes allowed)")
     # No Luhn check: a mistyped number in landing data is still cardholder data to protect.
@@ -203,12 +224,17 @@ def _norm_card(value: str) -> tuple[str, str]:
 
 
 def _norm_words(value: str) -> tuple[str, str]:
-    v = _WS.sub(" ", unicodedata.normalize("NFKC", value)).strip()
+    v = unicodedata.normalize("NFKC", value)
+    if _INVISIBLE.search(v):
+        v = _INVISIBLE_NOT_JOINERS.sub("", v)
+        v = _WS.sub(" ", v).strip()
+        return v, _JOINERS.sub("", v).casefold()
+    v = _WS.sub(" ", v).strip()
     return v, v.casefold()
 
 
 def _norm_date(value: str) -> tuple[str, str]:
-    m = _DATE.fullmatch(value.strip())
+    m = _DATE.fullmatch(_visible(value).strip())
     try:
         if not m:
             raise ValueError
@@ -221,7 +247,59 @@ def _norm_date(value: str) -> tuple[str, str]:
 
 def _norm_string(value: str) -> tuple[str, str]:
     v = unicodedata.normalize("NFC", value)
+    if _INVISIBLE.search(v):
+        v = _INVISIBLE_NOT_JOINERS.sub("", v)
+        return v, _JOINERS.sub("", v)
     return v, v
+
+
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_MAX_NUMBER_DIGITS = 64
+# Exact: the default context (28 digits) would round NUMERIC(38,x) values into collisions.
+_EXACT = decimal.Context(prec=2 * _MAX_NUMBER_DIGITS + 2, traps=[decimal.Inexact])
+
+
+def _norm_number(value: str) -> tuple[str, str]:
+    """Canonical decimal: ``12.50``, ``12.5`` and ``1.25e1`` are one number, ``12.5``.
+
+    Text, not a float: a float cannot hold every decimal a warehouse stores (NUMERIC(38,10)),
+    and two engines print one float differently. No thousands separators (``1,000`` reads as
+    1 or 1000 depending on the locale), no NaN or infinities (not a person's data)."""
+    v = _visible(value).strip()
+    if not _NUMBER.fullmatch(v):
+        raise _Invalid("is not a number (expected digits with an optional sign, decimal point "
+                       "and exponent; no thousands separators)")
+    try:
+        d = decimal.Decimal(v)
+        if d.adjusted() > _MAX_NUMBER_DIGITS or d.adjusted() < -_MAX_NUMBER_DIGITS:
+            raise _Invalid(f"is not a number deid keeps (more than {_MAX_NUMBER_DIGITS} "
+                           "digits before or after the decimal point)")
+        if d.is_zero():
+            return "0", "0"  # -0, 0.000 and 0e5 are all zero
+        text = format(d.normalize(_EXACT), "f")
+    except decimal.DecimalException:
+        raise _Invalid("is not a number") from None
+    return text, text
+
+
+def _norm_timestamp(value: str) -> tuple[str, str]:
+    """UTC ISO 8601 with a ``Z``: one instant, one token, whatever TimeZone printed it.
+
+    ``2024-01-02 03:04:05+02`` and ``2024-01-02T01:04:05Z`` are one instant. A value without
+    an offset is taken as UTC (Redshift's TIMESTAMP and DuckDB's TIMESTAMP have no zone);
+    cast a ``timestamptz`` to text with its offset, never to a zoneless timestamp first."""
+    v = _visible(value).strip()
+    try:
+        ts = _dt.datetime.fromisoformat(v)
+    except ValueError:
+        raise _Invalid("is not a timestamp (expected ISO 8601, e.g. 2024-01-02 03:04:05+02)") \
+            from None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=_dt.UTC)
+    ts = ts.astimezone(_dt.UTC)
+    spec = "microseconds" if ts.microsecond else "seconds"
+    text = ts.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+    return text, text
 
 
 _B32 = "[a-z2-7]{24}"
@@ -236,6 +314,8 @@ KINDS: dict[str, Kind] = {
         Kind("name", 256, _norm_words, _prefixed("name_"), re.compile("name_" + _B32)),
         Kind("address", 512, _norm_words, _prefixed("addr_"), re.compile("addr_" + _B32)),
         Kind("date", 32, _norm_date, _prefixed("date_"), re.compile("date_" + _B32)),
+        Kind("number", 128, _norm_number, _prefixed("num_"), re.compile("num_" + _B32)),
+        Kind("timestamp", 64, _norm_timestamp, _prefixed("ts_"), re.compile("ts_" + _B32)),
         Kind("string", 4096, _norm_string, _prefixed("str_"), re.compile("str_" + _B32)),
     )
 }
@@ -306,6 +386,10 @@ def kind_of_token(token: str, *, validate: bool = True) -> Kind | None:
         k = KINDS["date"]
     elif token.startswith("str_"):
         k = KINDS["string"]
+    elif token.startswith("num_"):
+        k = KINDS["number"]
+    elif token.startswith("ts_"):
+        k = KINDS["timestamp"]
     elif len(token) == 11:
         k = KINDS["ssn"]
     elif len(token) == 16:
