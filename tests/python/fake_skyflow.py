@@ -122,6 +122,9 @@ class FakeSkyflow:
         self.log: list[Logged] = []
         self.exchanges: list[dict[str, Any]] = []  # verified assertion claims + scope
         self._revoked_before = 0.0
+        # Set to "REDACTED" or "MASKED" to answer as Skyflow does for a role whose policy
+        # grants less than plain text: the placeholder or a masked form, with HTTP 200.
+        self.role_redaction: str | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -364,8 +367,11 @@ class FakeSkyflow:
                                 "error": "Token Not Found"})
                     continue
                 value = found[2]
-                if p.get("redaction", "DEFAULT") != "PLAIN_TEXT":
+                if p.get("redaction", "DEFAULT") != "PLAIN_TEXT" \
+                        or self.role_redaction == "REDACTED":
                     value = "*REDACTED*"
+                elif self.role_redaction == "MASKED":
+                    value = "X" * max(len(value) - 4, 0) + value[-4:]
                 out.append({"token": token, "valueType": "STRING", "value": value})
         return 200, {"records": out}
 

@@ -580,3 +580,27 @@ def test_redshift_lambda_handlers_work_over_skyflow(make, fake, tmp_path):
     doc = json.loads(failed)
     assert doc["success"] is False and "HTTP 503" in doc["error_msg"]
     assert "ana.garcia" not in failed and results[0] not in failed
+
+    # A role without plain-text access: Skyflow answers a placeholder with HTTP 200. Through
+    # the handler that must be success: false, not success: true with wrong data.
+    fake.faults.clear()
+    fake.role_redaction = "REDACTED"
+    fresh = RedshiftUDF(make(policy=f"sqlite:///{policy_db}"))  # nothing cached
+    doc = json.loads(fresh.detokenize({**detok, "query_id": 79}))
+    assert doc["success"] is False and "plain-text access" in doc["error_msg"]
+    assert "results" not in doc
+
+
+@pytest.mark.parametrize("redaction", ["REDACTED", "MASKED"])
+def test_a_redacted_or_masked_answer_is_never_returned_as_the_value(make, fake, redaction):
+    """A role without plain-text access gets Skyflow's placeholder or a masked form with
+    HTTP 200. Returned as the value, the warehouse (and a Lambda's success: true) would carry
+    wrong data; deid asked for PLAIN_TEXT, so anything else fails the batch."""
+    svc = make()
+    tokens = svc.tokenize("ssn", ["901-23-4567", "902-34-5678"])
+    fake.role_redaction = redaction
+    with pytest.raises(PermissionDeniedError, match="plain-text access") as e:
+        svc.detokenize(tokens, principal="p")
+    assert "4567" not in str(e.value)
+    fake.role_redaction = None
+    assert svc.detokenize(tokens, principal="p") == ["901-23-4567", "902-34-5678"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,13 @@ def _records(doc: dict[str, Any], expected: int, what: str) -> list[dict[str, An
         if not isinstance(rec, dict):
             raise _malformed(what, f"record {i + 1} is not an object")
     return records
+
+
+# What Skyflow answers in place of a value when a role's policy allows less than plain text:
+# its REDACTED placeholder, or a MASKED form (runs of X or * over all but a few characters).
+# deid always asks for PLAIN_TEXT, so either means the role lacks access. A real value with
+# three X or * in a row cannot be detokenized through Skyflow (fail closed; docs/skyflow.md).
+_REDACTED = re.compile(r"\*REDACTED\*|\*{3,}|X{3,}")
 
 
 class SkyflowTokenService:
@@ -242,6 +250,13 @@ class SkyflowTokenService:
             value = rec.get("value")
             if not isinstance(value, str) or value == token:
                 raise _malformed(what, f"record {i + 1} carries no plain-text value")
+            if _REDACTED.search(value):
+                raise PermissionDeniedError(
+                    f"{what}: Skyflow answered record {i + 1} with a redacted or masked value "
+                    "although plain text was asked for: the service account's role lacks "
+                    "plain-text access to this column (grant the role PLAIN_TEXT redaction "
+                    "in its Skyflow policy, or use a detokenize_role= that has it); nothing "
+                    "from the batch was returned")
             out.append(value)
         return out
 
