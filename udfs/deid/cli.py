@@ -99,33 +99,62 @@ def keys_show(vault: str | None) -> None:
 def keys_rotate(vault: str | None) -> None:
     """Add a new encryption key version; tokens do not change, old values stay readable."""
     svc = _service(vault)
-    rotated = svc.keyring.rotated()
-    svc.store.write_keyring(rotated)
-    svc.audit("keys.rotate", _admin(), f"current={rotated.current}", host="cli")
-    click.echo(f"rotated: new values are encrypted with key version {rotated.current}; "
-               f"versions {sorted(rotated.keys)} kept in {svc.keyring.source}")
+    ring, made = svc.store.rotate_keyring(seen_current=svc.keyring.current)
+    svc.keyring = ring
+    if made:
+        svc.audit("keys.rotate", _admin(), f"current={ring.current}", host="cli")
+        click.echo(f"rotated: new values are encrypted with key version {ring.current}; "
+                   f"versions {sorted(ring.keys)} kept in {ring.source}")
+    else:
+        click.echo(f"not rotated: another rotation made key version {ring.current} just now "
+                   "(one new version is what was asked for)")
+
+
+# Passes over the vault before rewrap gives up: a pass finds only records minted before the
+# rotation was recorded (writers are refused an old version after it), so two suffice.
+_REWRAP_PASSES = 5
 
 
 @keys.command("rewrap")
 @_vault_option
 @click.option("--batch-size", default=10_000, show_default=True)
 def keys_rewrap(vault: str | None, batch_size: int) -> None:
-    """Re-encrypt every value under the current key version (then old versions can retire)."""
+    """Re-encrypt every value under the current key version (then old versions can retire).
+
+    Finishes only when no record under an older version remains."""
     svc = _service(vault)
-    ring = svc.keyring
     moved = 0
-    for batch in svc.store.iter_values(batch_size):
-        updates = []
-        for token, value in batch:
-            if value.key_version == ring.current:
-                continue
-            clear = ring.decrypt(token, value.key_version, value.ciphertext)
-            updates.append((token, StoredValue(*ring.encrypt(token, clear))))
-        if updates:
-            svc.store.update_values(updates)
-            moved += len(updates)
+    for _ in range(_REWRAP_PASSES):
+        # The key set as the vault has it now, not as this process loaded it.
+        ring = svc.keyring = svc.store.reload_keyring()
+        for batch in svc.store.iter_values(batch_size):
+            updates = [(token, value, StoredValue(*ring.encrypt(
+                            token, ring.decrypt(token, value.key_version, value.ciphertext))))
+                       for token, value in batch if value.key_version != ring.current]
+            if updates:
+                moved += svc.store.update_values(updates)
+        old = {v: n for v, n in svc.store.key_version_counts().items() if v != ring.current}
+        if not old:
+            break
+    else:
+        raise DeidError(f"deid keys rewrap: records remain under older key versions "
+                        f"{sorted(old)} after {_REWRAP_PASSES} passes (a rotation is running "
+                        "concurrently?); run rewrap again")
     svc.audit("keys.rewrap", _admin(), f"rewrapped={moved}", count=moved, host="cli")
-    click.echo(f"rewrapped {moved} values under key version {ring.current}")
+    click.echo(f"rewrapped {moved} values under key version {ring.current}; no record uses "
+               "an older version")
+
+
+@keys.command("retire")
+@_vault_option
+@click.argument("version", type=int)
+def keys_retire(vault: str | None, version: int) -> None:
+    """Remove an old key version; refused while any record is encrypted under it."""
+    svc = _service(vault)
+    ring = svc.store.retire_key_version(version)
+    svc.audit("keys.retire", _admin(), f"retired={version}", host="cli")
+    click.echo(f"retired key version {version}; versions {sorted(ring.keys)} remain "
+               f"(current {ring.current})")
 
 
 @main.group()

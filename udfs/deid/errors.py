@@ -55,3 +55,8 @@ class VaultUnavailableError(DeidError):
 
 class VaultKeyError(DeidError):
     """The keys do not belong to this vault, or a key version is missing."""
+
+
+class StaleKeyVersionError(VaultKeyError):
+    """Values were encrypted under a key version older than the vault's current one: another
+    process rotated the keys. The token service reloads its keys and encrypts again."""

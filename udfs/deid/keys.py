@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -25,6 +26,7 @@ import os
 import secrets
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,15 @@ class Keyring:
         keys = {**self.keys, version: secrets.token_bytes(32)}
         return Keyring(self.fingerprint_key, self.audit_key, keys, version, self.source)
 
+    def without(self, version: int) -> Keyring:
+        """A copy without key `version` (retired); the current version cannot be retired."""
+        if version == self.current:
+            raise VaultKeyError(f"deid keys: version {version} is the current key; rotate first")
+        if version not in self.keys:
+            raise VaultKeyError(f"deid keys: version {version} is not in {self.source}")
+        keys = {v: k for v, k in self.keys.items() if v != version}
+        return Keyring(self.fingerprint_key, self.audit_key, keys, self.current, self.source)
+
     # -- use -------------------------------------------------------------------------------
 
     def check_value(self) -> str:
@@ -186,6 +197,28 @@ def load_or_create(key_file: Path, *, create: bool) -> Keyring:
         write_key_file(key_file, ring, exclusive=True)
         # Another process may have won the race: whatever is on disk is the vault's key set.
         return _read_key_file(key_file)
+
+
+@contextlib.contextmanager
+def key_file_lock(key_file: Path) -> Iterator[None]:
+    """An exclusive lock beside the key file, across processes: rotations and retirements of
+    one vault's keys run one at a time, each reading the file as it is under the lock (a
+    read-modify-write without it let two rotations write two different version 2 keys)."""
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file.with_name(key_file.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def read_key_file(key_file: Path) -> Keyring:
+    """The key set on disk now (not a process's copy)."""
+    try:
+        return _read_key_file(key_file)
+    except FileNotFoundError:
+        raise VaultKeyError(f"deid keys: key file {key_file} is missing") from None
 
 
 def _read_key_file(key_file: Path) -> Keyring:

@@ -20,6 +20,7 @@ from .errors import (
     DeidError,
     InvalidValueError,
     PermissionDeniedError,
+    StaleKeyVersionError,
     UnknownTokenError,
     VaultKeyError,
     VaultUnavailableError,
@@ -106,6 +107,26 @@ class VaultTokenService:
         self._token_cache.store(namespace, learned)
         return out
 
+    def _insert(self, spec: _kinds.KindSpec, fingerprints: list[bytes], canonicals: list[str],
+                tokens: list[str]) -> dict[bytes, str]:
+        """Encrypt and insert new records; if the vault refuses the key version (rotated by
+        another process since this one loaded its keys), reload the keys and encrypt again."""
+        for reloaded in (False, True):
+            ring = self.keyring
+            records = [NewRecord(spec.domain, fp, token, spec.name, *ring.encrypt(token, canonical))
+                       for fp, canonical, token in zip(fingerprints, canonicals, tokens,
+                                                       strict=True)]
+            try:
+                return self.store.insert_tokens(records)
+            except StaleKeyVersionError:
+                if reloaded:
+                    raise VaultKeyError(
+                        f"deid.tokenize: kind {spec.name!r}: the vault's current key version "
+                        "is newer than any key this host can load; give it the vault's current "
+                        "key file (or DEID_KEYS)") from None
+                self.keyring = self.store.reload_keyring()
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _tokens_for(self, spec: _kinds.KindSpec,
                     by_match: dict[str, tuple[str, list[str]]]) -> dict[str, str]:
         ring = self.keyring
@@ -118,11 +139,7 @@ class VaultTokenService:
                 return result
             canonicals = [by_match[m][0] for m in missing]
             fresh = spec.kind.new_tokens(len(missing), canonicals)
-            records = []
-            for m, canonical, token in zip(missing, canonicals, fresh, strict=True):
-                version, blob = ring.encrypt(token, canonical)
-                records.append(NewRecord(spec.domain, fp_of[m], token, spec.name, version, blob))
-            winners = self.store.insert_tokens(records)
+            winners = self._insert(spec, [fp_of[m] for m in missing], canonicals, fresh)
             still = []
             for m in missing:
                 token = winners.get(fp_of[m])

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StaleKeyVersionError
 from ..keys import Keyring
 
 
@@ -33,6 +33,22 @@ class NewRecord:
 class StoredValue:
     key_version: int
     ciphertext: bytes
+
+
+def check_key_versions(current: int | None, records: Sequence[NewRecord]) -> int | None:
+    """The rule every store applies inside the transaction that inserts `records`, against
+    the vault's recorded current key version: a record under an older version is refused
+    (StaleKeyVersionError: the writer loaded its keys before a rotation and must reload), so
+    once a rotation is recorded no new record lands under an old version and a rewrap that
+    starts afterwards can finish. Returns the newer version to record when the records carry
+    one (keys from DEID_KEYS are rotated where that secret lives), else None."""
+    versions = {r.key_version for r in records}
+    if current is not None and min(versions) < current:
+        raise StaleKeyVersionError(
+            f"deid keys: values were encrypted under key version {min(versions)} but the "
+            f"vault's current version is {current} (keys rotated by another process)")
+    newest = max(versions)
+    return newest if current is None or newest > current else None
 
 
 # seal(prev_hash, record) -> hash of this record; provided by the token service (keyed).
@@ -68,10 +84,25 @@ class VaultStore(ABC):
     def _load_keyring(self) -> Keyring:
         """Read (or, for an empty vault, create) the keys and check they belong here."""
 
-    def write_keyring(self, ring: Keyring) -> None:
-        """Store a rotated key set (same fingerprint key); used by `deid keys rotate`."""
+    def rotate_keyring(self, seen_current: int) -> tuple[Keyring, bool]:
+        """Add a key version unless one newer than `seen_current` exists already; return the
+        vault's key set and whether this call made the new version.
+
+        Compare-and-swap: two concurrent rotations that both saw version N make one version
+        N+1 between them, never two different keys for it. The vault then records N+1 as
+        its current version, so every writer still encrypting under N is refused at its
+        next insert (`check_key_versions`) and reloads."""
         raise ConfigError(f"deid keys: {type(self).__name__} keeps its keys elsewhere; rotate "
                           "them there (see the backend's documentation)")
+
+    def retire_key_version(self, version: int) -> Keyring:
+        """Remove key `version`; refused while any record is still encrypted under it."""
+        raise ConfigError(f"deid keys: {type(self).__name__} keeps its keys elsewhere; retire "
+                          "them there (see the backend's documentation)")
+
+    def key_version_counts(self) -> dict[int, int]:
+        """Records per key version."""
+        return {int(v): n for v, n in self.stats()["key_versions"].items()}
 
     # -- token index and values --------------------------------------------------------
 
@@ -98,8 +129,10 @@ class VaultStore(ABC):
         """Every (token, value) in batches: for rewrapping under a new key version."""
 
     @abstractmethod
-    def update_values(self, rows: Sequence[tuple[str, StoredValue]]) -> None:
-        """Replace the encrypted values of existing tokens (rewrap)."""
+    def update_values(self, rows: Sequence[tuple[str, StoredValue, StoredValue]]) -> int:
+        """Rewrap: for each (token, old, new), replace the value only where it still is `old`
+        (compare-and-swap: a record erased or rewrapped meanwhile is left alone); return how
+        many were replaced."""
 
     # -- policy ----------------------------------------------------------------------
 

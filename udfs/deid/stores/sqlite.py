@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 from .. import keys as _keys
 from .._url import sqlite_path
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
-from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
+from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore, check_key_versions
 
 _SCHEMA_VERSION = "1"
 # Keep well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
@@ -140,14 +140,47 @@ class SQLiteStore(VaultStore):
 
     # -- keys -----------------------------------------------------------------------------
 
-    def write_keyring(self, ring: _keys.Keyring) -> None:
-        """Replace the key file with a rotated key set (same fingerprint key)."""
-        current = self.keyring()
-        if ring.check_value() != current.check_value():
-            raise VaultKeyError("deid keys: refusing to store a key set with a different "
-                                "fingerprint key (every token would change)")
-        _keys.write_key_file(_keys.require_file_source(current), ring, exclusive=False)
+    def rotate_keyring(self, seen_current: int) -> tuple[_keys.Keyring, bool]:
+        key_file = _keys.require_file_source(self.keyring())
+        with _keys.key_file_lock(key_file):
+            on_disk = self._own(_keys.read_key_file(key_file))
+            made = on_disk.current == seen_current
+            ring = on_disk.rotated() if made else on_disk
+            if made:
+                # The key file first: a version is recorded as current only once its key
+                # exists, so a writer told to reload always finds it.
+                _keys.write_key_file(key_file, ring, exclusive=False)
+            with self._tx() as db:
+                self._record_current(db, ring.current)
         self.reload_keyring()
+        return ring, made
+
+    def retire_key_version(self, version: int) -> _keys.Keyring:
+        key_file = _keys.require_file_source(self.keyring())
+        with _keys.key_file_lock(key_file):
+            ring = self._own(_keys.read_key_file(key_file)).without(version)
+            # Counted under the lock and after the rotation recorded a newer current version,
+            # so no writer can add a record under `version` any more.
+            left = self._read("select count(*) from tokens where key_version = ?",
+                              (version,))[0][0]
+            if left:
+                raise VaultKeyError(f"deid keys: {left} records are still encrypted under key "
+                                    f"version {version}; run deid keys rewrap first")
+            _keys.write_key_file(key_file, ring, exclusive=False)
+        self.reload_keyring()
+        return ring
+
+    def _own(self, ring: _keys.Keyring) -> _keys.Keyring:
+        if ring.check_value() != self.keyring().check_value():
+            raise VaultKeyError("deid keys: the key file now holds a different fingerprint key "
+                                "(every token would change); restore the vault's own key file")
+        return ring
+
+    @staticmethod
+    def _record_current(db: sqlite3.Connection, version: int) -> None:
+        db.execute("insert into meta values ('key_current', ?) on conflict (key) do update "
+                   "set value = excluded.value where cast(value as integer) < "
+                   "cast(excluded.value as integer)", (str(version),))
 
     def _load_keyring(self) -> _keys.Keyring:
         empty = not self._read("select 1 from tokens limit 1") and not self._read(
@@ -182,6 +215,10 @@ class SQLiteStore(VaultStore):
         rows = [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
                 for r in records]
         with self._tx() as db:
+            row = db.execute("select value from meta where key = 'key_current'").fetchone()
+            newer = check_key_versions(int(row[0]) if row else None, records)
+            if newer is not None:
+                self._record_current(db, newer)
             before = db.total_changes
             db.executemany("insert or ignore into tokens values (?, ?, ?, ?, ?, ?)", rows)
             inserted = db.total_changes - before
@@ -221,10 +258,14 @@ class SQLiteStore(VaultStore):
             yield [(t, StoredValue(v, b)) for t, v, b in rows]
             last = rows[-1][0]
 
-    def update_values(self, rows: Sequence[tuple[str, StoredValue]]) -> None:
+    def update_values(self, rows: Sequence[tuple[str, StoredValue, StoredValue]]) -> int:
         with self._tx() as db:
-            db.executemany("update tokens set key_version = ?, ciphertext = ? where token = ?",
-                           [(v.key_version, v.ciphertext, t) for t, v in rows])
+            before = db.total_changes
+            db.executemany("update tokens set key_version = ?, ciphertext = ? where token = ? "
+                           "and key_version = ? and ciphertext = ?",
+                           [(new.key_version, new.ciphertext, t, old.key_version, old.ciphertext)
+                            for t, old, new in rows])
+            return db.total_changes - before
 
     # -- policy -----------------------------------------------------------------------------
 
