@@ -28,6 +28,7 @@ from deid.errors import (  # noqa: E402
     VaultUnavailableError,
 )
 from deid.service import VaultTokenService  # noqa: E402
+from deid.stores import StoredValue  # noqa: E402
 from deid.stores.dynamodb import DynamoDBStore, open_store  # noqa: E402
 
 REGION = "us-east-1"
@@ -321,3 +322,25 @@ def test_url_is_validated() -> None:
     assert isinstance(store, DynamoDBStore)
     assert (store.table, store.kms_key) == ("vault", "alias/deid")
     assert os.environ["AWS_DEFAULT_REGION"] == REGION
+
+
+def test_rewrap_moves_values_to_this_container_version_with_compare_and_swap(
+        vault_url: str) -> None:
+    """Versions come from an atomic counter, so concurrent containers never share one; a
+    rewrap re-encrypts under the rewrapping container's version, and replaces a record only
+    where it is still what was read (an erased or already rewrapped record stays)."""
+    first = service(vault_url)
+    tokens = first.tokenize("email", [f"r{i}@example.com" for i in range(5)])
+    later = service(vault_url)
+    later.tokenize("email", ["new@example.com"])  # takes its own, newer key version
+    ring, store = later.keyring, later.store
+    rows = [(t, v, StoredValue(*ring.encrypt(t, ring.decrypt(t, v.key_version, v.ciphertext))))
+            for batch in store.iter_values() for t, v in batch if v.key_version != ring.current]
+    assert len(rows) == 5
+    stale = rows[0]
+    assert store.update_values(rows) == 5
+    assert store.update_values([stale]) == 0  # its old value is gone: nothing replaced
+    assert set(store.key_version_counts()) == {ring.current}
+    later.store.grant("reader", "test")
+    assert later.detokenize(tokens, principal="reader") == \
+        [f"r{i}@example.com" for i in range(5)]

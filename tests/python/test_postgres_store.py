@@ -133,12 +133,12 @@ def test_keys_live_in_the_keyring_table_and_a_foreign_key_set_is_refused(cluster
 def test_rotation_keeps_tokens_and_rewrap_moves_values(store):
     svc = VaultTokenService(store, cache_size=0, detokenize_cache_size=0)
     token = svc.tokenize("name", ["Rotating Person"])[0]
-    store.write_keyring(store.keyring().rotated())
+    store.rotate_keyring(seen_current=store.keyring().current)
     svc2 = VaultTokenService(store, cache_size=0, detokenize_cache_size=0)
     assert svc2.tokenize("name", ["rotating person"])[0] == token
     current = store.keyring().current
     for batch in store.iter_values(batch_size=3):
-        store.update_values([(t, postgres_store.StoredValue(
+        store.update_values([(t, v, postgres_store.StoredValue(
             *store.keyring().encrypt(t, store.keyring().decrypt(t, v.key_version, v.ciphertext))))
             for t, v in batch])
     assert set(store.stats()["key_versions"]) == {str(current)}
@@ -431,3 +431,32 @@ def test_udf_lookups_work_in_a_read_only_transaction_and_detokenize_fails_closed
         assert "judy" not in str(info.value).lower()
     finally:
         conn.close()
+
+
+def test_concurrent_rotations_make_one_version_and_old_writers_reload(cluster):
+    """Two rotations that both saw version N make one N+1 (the keyring row is locked for
+    update); a writer that loaded N before is refused N inside its insert and reloads."""
+    url = cluster.url() + f"?schema={SCHEMA}"
+    a, b = open_store(url), open_store(url)
+    try:
+        writer = VaultTokenService(a, cache_size=0)
+        writer.tokenize("name", ["Before Rotation"])
+        seen = a.keyring().current
+        assert b.keyring().current == seen
+        (ring_b, made_b), (ring_a, made_a) = (b.rotate_keyring(seen_current=seen),
+                                              a.rotate_keyring(seen_current=seen))
+        assert (made_b, made_a) == (True, False) and ring_a.keys == ring_b.keys
+        assert ring_a.current == seen + 1
+        stale = VaultTokenService(open_store(url), cache_size=0)
+        stale.keyring = _keys.Keyring.from_json(
+            _keys.Keyring(ring_a.fingerprint_key, ring_a.audit_key,
+                          {v: k for v, k in ring_a.keys.items() if v <= seen}, seen,
+                          "stale copy").to_json(), "stale copy")
+        stale.tokenize("name", ["After Rotation"])
+        assert stale.keyring.current == seen + 1
+        assert a.key_version_counts().get(seen + 1, 0) >= 1
+        with pytest.raises(VaultKeyError, match="rewrap first"):
+            a.retire_key_version(seen)
+    finally:
+        a.close()
+        b.close()

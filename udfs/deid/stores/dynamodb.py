@@ -395,16 +395,25 @@ class DynamoDBStore(VaultStore):
         if batch:
             yield batch
 
-    def update_values(self, rows: Sequence[tuple[str, StoredValue]]) -> None:
-        def update(row: tuple[str, StoredValue]) -> None:
-            token, value = row
-            self._call("update_item", TableName=self.table, Key={"pk": {"S": f"tok#{token}"}},
-                       UpdateExpression="SET v = :v, ct = :ct",
-                       ConditionExpression="attribute_exists(pk)",
-                       ExpressionAttributeValues={":v": {"N": str(value.key_version)},
-                                                  ":ct": {"B": value.ciphertext}})
+    def update_values(self, rows: Sequence[tuple[str, StoredValue, StoredValue]]) -> int:
+        def update(row: tuple[str, StoredValue, StoredValue]) -> int:
+            token, old, new = row
+            try:
+                self._call("update_item", TableName=self.table,
+                           Key={"pk": {"S": f"tok#{token}"}},
+                           UpdateExpression="SET v = :v, ct = :ct",
+                           # Compare-and-swap: a record erased or rewrapped meanwhile stays.
+                           ConditionExpression="v = :ov AND ct = :oc",
+                           ExpressionAttributeValues={
+                               ":v": {"N": str(new.key_version)}, ":ct": {"B": new.ciphertext},
+                               ":ov": {"N": str(old.key_version)}, ":oc": {"B": old.ciphertext}})
+            except VaultUnavailableError as exc:
+                if "ConditionalCheckFailed" in str(exc):
+                    return 0
+                raise
+            return 1
 
-        self._map(update, list(rows))
+        return sum(self._map(update, list(rows)))
 
     # -- policy -----------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .. import keys as _keys
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
-from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
+from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore, check_key_versions
 
 DEFAULT_SCHEMA = "deid_vault"
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -52,6 +52,13 @@ _SQL: dict[str, tuple[str, tuple[str, ...]]] = {
     "keyring_put": ("insert into {s}.keyring (id, keys) values (1, $1) on conflict do nothing",
                     ("text",)),
     "keyring_replace": ("update {s}.keyring set keys = $1 where id = 1", ("text",)),
+    # Rotation and retirement hold the keyring row exclusively; every minting transaction
+    # holds it shared until it ends, so a rotation waits for minting transactions that began
+    # under the old version and every later one sees the new version (check_key_versions).
+    "keyring_lock": ("select keys from {s}.keyring where id = 1 for update", ()),
+    "key_current": ("select (keys::jsonb ->> 'current')::int from {s}.keyring where id = 1 "
+                    "for share", ()),
+    "version_count": ("select count(*) from {s}.tokens where key_version = $1", ("int",)),
     "has_records": ("select exists (select 1 from {s}.tokens) or exists (select 1 from "
                     "{s}.meta where key = 'key_check')", ()),
     "check_put": ("insert into {s}.meta (key, value) values ('key_check', $1) "
@@ -68,8 +75,10 @@ _SQL: dict[str, tuple[str, tuple[str, ...]]] = {
     "page": ("select token, key_version, ciphertext from {s}.tokens where token > $1 "
              "order by token limit $2", ("text", "int")),
     "rewrap": ("update {s}.tokens t set key_version = u.v, ciphertext = u.c from "
-               "unnest($1::text[], $2::int[], $3::bytea[]) as u (tk, v, c) where t.token = u.tk",
-               ("text[]", "int[]", "bytea[]")),
+               "unnest($1::text[], $2::int[], $3::bytea[], $4::int[], $5::bytea[]) "
+               "as u (tk, v, c, ov, oc) where t.token = u.tk and t.key_version = u.ov "
+               "and t.ciphertext = u.oc",
+               ("text[]", "int[]", "bytea[]", "int[]", "bytea[]")),
     "grant": ("insert into {s}.principals (principal, granted_at, granted_by) "
               "values ($1, $2, $3) on conflict do nothing", ("text", "text", "text")),
     "revoke": ("delete from {s}.principals where principal = $1", ("text",)),
@@ -199,16 +208,37 @@ class _PgStore(VaultStore):
                 f"{self.schema} (its fingerprint key differs); use the vault's own keys")
         return ring
 
-    def write_keyring(self, ring: _keys.Keyring) -> None:
-        """Store a rotated key set (same fingerprint key) in the keyring table."""
-        if ring.check_value() != self.keyring().check_value():
-            raise VaultKeyError("deid keys: refusing to store a key set with a different "
-                                "fingerprint key (every token would change)")
+    def rotate_keyring(self, seen_current: int) -> tuple[_keys.Keyring, bool]:
         with self._atomic() as run:
-            if self._count(run, "keyring_replace", (ring.to_json(),)) != 1:
-                raise VaultKeyError(f"deid keys: the vault in schema {self.schema} keeps its "
-                                    "keys in DEID_KEYS, not in its keyring table")
+            ring = self._locked_keyring(run)
+            made = ring.current == seen_current
+            if made:
+                ring = ring.rotated()
+                self._count(run, "keyring_replace", (ring.to_json(),))
         self.reload_keyring()
+        return ring, made
+
+    def retire_key_version(self, version: int) -> _keys.Keyring:
+        with self._atomic() as run:
+            ring = self._locked_keyring(run).without(version)
+            left = run("version_count", (version,))[0][0]
+            if left:
+                raise VaultKeyError(f"deid keys: {left} records are still encrypted under key "
+                                    f"version {version}; run deid keys rewrap first")
+            self._count(run, "keyring_replace", (ring.to_json(),))
+        self.reload_keyring()
+        return ring
+
+    def _locked_keyring(self, run: Run) -> _keys.Keyring:
+        row = run("keyring_lock", ())
+        if not row:
+            raise VaultKeyError(f"deid keys: the vault in schema {self.schema} keeps its keys "
+                                "in DEID_KEYS, not in its keyring table; rotate them there")
+        ring = _keys.Keyring.from_json(row[0][0], f"the {self.schema}.keyring table")
+        if ring.check_value() != self.keyring().check_value():
+            raise VaultKeyError("deid keys: the keyring table holds a different fingerprint "
+                                "key than this vault's (every token would change)")
+        return ring
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -226,6 +256,9 @@ class _PgStore(VaultStore):
                 [r.fingerprint for r in ordered], [r.kind for r in ordered],
                 [r.key_version for r in ordered], [r.ciphertext for r in ordered])
         with self._atomic() as run:
+            current = run("key_current", ())
+            # No keyring row: keys come from DEID_KEYS and are rotated where that secret lives.
+            check_key_versions(current[0][0] if current else None, ordered)
             if self._serialize_minting:
                 run("mint_lock", (f"deid mint {self.schema}",))
             inserted = self._count(run, "insert", args)
@@ -249,12 +282,14 @@ class _PgStore(VaultStore):
             yield [(t, StoredValue(v, bytes(b))) for t, v, b in rows]
             last = rows[-1][0]
 
-    def update_values(self, rows: Sequence[tuple[str, StoredValue]]) -> None:
+    def update_values(self, rows: Sequence[tuple[str, StoredValue, StoredValue]]) -> int:
         if not rows:
-            return
+            return 0
         with self._atomic() as run:
-            run("rewrap", ([t for t, _ in rows], [v.key_version for _, v in rows],
-                           [v.ciphertext for _, v in rows]))
+            return self._count(run, "rewrap", (
+                [t for t, _, _ in rows], [n.key_version for _, _, n in rows],
+                [n.ciphertext for _, _, n in rows], [o.key_version for _, o, _ in rows],
+                [o.ciphertext for _, o, _ in rows]))
 
     # -- policy ---------------------------------------------------------------------------
 
