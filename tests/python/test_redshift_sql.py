@@ -302,7 +302,7 @@ def test_masking_policy_reveals_to_readers_only(ddl: list[str]) -> None:
 
 _SAMPLES = {"email": "a@b.co", "phone": "+14155550100", "ssn": "123-45-6789",
             "card": "4111111111111111", "name": "A", "address": "A", "date": "2000-01-01",
-            "string": "A"}
+            "number": "12.5", "timestamp": "2024-01-02T03:04:05Z", "string": "A"}
 
 
 def test_batch_limits_keep_every_response_under_lambdas_6_mb(ddl: list[str]) -> None:
