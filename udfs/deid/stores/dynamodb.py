@@ -228,6 +228,14 @@ class DynamoDBStore(VaultStore):
     def reload_keyring(self) -> KmsKeyring:
         return self.keyring()  # versions are resolved on demand; nothing to reload
 
+    def retire_key_version(self, version: int) -> _keys.Keyring:
+        raise ConfigError(
+            "deid keys: a DynamoDB vault's key versions belong to tokenize containers (one "
+            "each, from an atomic counter); a live container may still encrypt under any of "
+            "them, so deid does not delete key#<version> items. After deid keys rewrap, "
+            "delete the wrapped key of a version no record uses once its container is gone "
+            "(see docs/redshift.md)")
+
     def context(self, purpose: str, version: int | None = None) -> dict[str, str]:
         ctx = {"deid:vault": self.table, "deid:purpose": purpose}
         if version is not None:
