@@ -283,3 +283,16 @@ def test_no_argument_value_reaches_a_log_line(udf: RedshiftUDF, store: CountingS
                          "arguments": [["sentinel-not-an-email", "email"]]}))
     assert caplog.records, "the handlers log counts and timings"
     assert "sentinel" not in caplog.text and tokens[0] not in caplog.text
+
+
+# -- the tokenize policy (attacks) -----------------------------------------------------------
+
+
+def test_attack_an_ungranted_user_in_another_database_cannot_tokenize(
+        udf: RedshiftUDF, store: CountingStore) -> None:
+    """Attack: any user of any database whose query reaches the Lambda used it as a guess
+    checker, and its wrong guesses were minted into the vault."""
+    event = {**payload("tokenize_request.json"), "user": "analyst", "database": "scratch_db"}
+    message = failed(udf.tokenize(event))
+    assert "analyst" in message and "ana.garcia" not in message
+    assert store.stats()["tokens"] == {}, "no token minted for a refused request"

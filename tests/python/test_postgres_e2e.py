@@ -312,3 +312,76 @@ def test_vault_failure_fails_the_model_and_keeps_the_previous_mart(built):
     assert "deid vault: statement 'find' on schema deid_vault failed" in out
     assert sorted(map(repr, query(built, pg_cluster.ADMIN,
                                   "select * from analytics.dim_customers"))) == before
+
+
+# -- attacks on the trust boundary -----------------------------------------------------------
+
+
+def _server_log(env) -> str:
+    return (env["cluster"].root / "server.log").read_text(errors="replace")
+
+
+def test_attack_a_guess_loop_in_a_rolled_back_transaction_leaves_a_trail(built):
+    """Attack: as the transformer, confirm a guess against a mart token inside a transaction
+    that rolls back: the vault's token and audit counts did not move and no log line said so."""
+    (token,) = query(built, "transformer", "select email_token from analytics.dim_customers "
+                     "where email_token is not null limit 1")[0]
+    conn = psycopg2.connect(built["cluster"].dsn("transformer", ROLES["transformer"]))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select pg_backend_pid()")
+            (pid,) = cur.fetchone()
+            cur.execute("select r.email from raw.raw_customers r "
+                        "where deid.tokenize(r.email, 'email') = %s", (token,))
+            assert cur.fetchall(), "the oracle answers the transformer (by design)"
+        conn.rollback()
+    finally:
+        conn.close()
+    assert f"deid audit: tokenize by principal 'transformer' in statement {pid}@" in \
+        _server_log(built), "the guess loop left no trail"
+
+
+def test_attack_a_security_definer_wrapper_does_not_hand_tokenize_to_an_analyst(built):
+    """Attack: the transformer wraps deid.tokenize in a SECURITY DEFINER function and grants
+    it to an analyst, who then mints and checks guesses."""
+    query(built, "transformer", """
+        create or replace function analytics.probe(guess text) returns text
+        language sql security definer set search_path = pg_catalog
+        as $$ select deid.tokenize(guess, 'email') $$;
+        grant execute on function analytics.probe(text) to analyst""")
+    admin = open_store(built["cluster"].url() + "?schema=deid_vault")
+    try:
+        before = admin.stats()["tokens"]
+        err = refused(built, "analyst", "select analytics.probe('a.guess@example.com')")
+        assert err.pgcode == "42501"
+        assert "analyst" in str(err) and "a.guess" not in str(err)
+        assert admin.stats()["tokens"] == before, "the guess was minted"
+    finally:
+        admin.close()
+        query(built, "transformer", "drop function analytics.probe(text)")
+
+
+def test_attack_an_analyst_holding_locks_does_not_stop_the_vault(built):
+    """Attack: advisory locks need no privilege and deid's keys were public strings; an
+    analyst holding them stalled every detokenize and every new token."""
+    conn = psycopg2.connect(built["cluster"].dsn("analyst", ROLES["analyst"]))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for key in ("deid audit deid_vault", "deid mint deid_vault"):
+                cur.execute("select pg_advisory_lock(hashtext(%s))", (key,))
+            for sql in ("lock table deid_vault.locks", "select * from deid_vault.locks for update"):
+                cur.execute("begin")
+                with pytest.raises(psycopg2.Error, match="permission denied"):
+                    cur.execute(sql)
+                cur.execute("rollback")
+        # Served while the analyst holds whatever it could take (timeouts only bound a hang).
+        rows = query(built, "pii_reader", "set statement_timeout = '20s'; "
+                     "select deid.detokenize(email_token) from analytics.dim_customers "
+                     "where email_token is not null limit 3")
+        assert len(rows) == 3
+        (token,) = query(built, "transformer", "set statement_timeout = '20s'; "
+                         "select deid.tokenize('brand.new.value@example.com', 'email')")[0]
+        assert _kinds.is_token(token, "email")
+    finally:
+        conn.close()

@@ -604,3 +604,16 @@ def test_a_redacted_or_masked_answer_is_never_returned_as_the_value(make, fake, 
     assert "4567" not in str(e.value)
     fake.role_redaction = None
     assert svc.detokenize(tokens, principal="p") == ["901-23-4567", "902-34-5678"]
+
+def test_attack_an_ungranted_warehouse_user_cannot_tokenize_through_skyflow(make, fake, tmp_path):
+    """Attack: through the Lambda host, any Redshift user minted its guesses into Skyflow."""
+    from deid.lambda_handler import RedshiftUDF
+
+    policy_db = tmp_path / "policy.db"
+    SQLiteStore(policy_db)
+    udf = RedshiftUDF(make(policy=f"sqlite:///{policy_db}"))
+    event = json.loads((Path(__file__).with_name("payloads") / "tokenize_request.json")
+                       .read_text())
+    answer = json.loads(udf.tokenize({**event, "user": "analyst", "database": "scratch_db"}))
+    assert answer["success"] is False
+    assert fake.record_count("persons") == 0, "nothing reached Skyflow"
