@@ -22,13 +22,24 @@ create table if not exists {{ schema }}.principals (
     granted_at text not null,
     granted_by text not null
 );
+create table if not exists {{ schema }}.tokenize_grants (
+    principal text not null,
+    domain text not null,
+    mode text not null check (mode in ('tokenize', 'lookup')),
+    granted_at text not null,
+    granted_by text not null,
+    primary key (principal, domain)
+);
 create table if not exists {{ schema }}.audit (
     seq bigint primary key,
     record text not null,
     prev text not null,
     hash text not null
 );
-{%- for table in ['meta', 'keyring', 'tokens', 'principals', 'audit'] %}
+{#- Row locks only the vault role reaches (an advisory lock on a known key, any login could hold). #}
+create table if not exists {{ schema }}.locks (name text primary key);
+insert into {{ schema }}.locks (name) values ('audit'), ('mint') on conflict do nothing;
+{%- for table in ['meta', 'keyring', 'tokens', 'principals', 'tokenize_grants', 'audit', 'locks'] %}
 alter table {{ schema }}.{{ table }} owner to {{ owner }};
 revoke all on {{ schema }}.{{ table }} from public;
 {%- endfor %}

@@ -89,3 +89,55 @@ def test_console_script_reports_errors_in_one_line(vault_path: Path,
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: deid keys: keys come from DEID_KEYS")
     assert "Traceback" not in proc.stderr
+
+
+def test_grants_record_who_granted_and_to_whom(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import getpass
+
+    assert "granted tokenize" in cli("init", "--transformer", "dbt_transformer").output
+    assert "granted lookup in domain email" in cli("grant", "--lookup", "matcher",
+                                                   "--domain", "email").output
+    assert "revoked lookup" in cli("revoke", "--lookup", "matcher", "--domain", "email").output
+    assert "granted detokenize" in cli("grant", "--detokenize", "pii_reader").output
+    listed = cli("principals").output
+    assert "dbt_transformer\ttokenize *" in listed and "pii_reader\tdetokenize" in listed
+    records = [json.loads(line) for line in cli("audit", "show", "--json").output.splitlines()]
+    assert [(r["action"], r["principal"], r["subject"], r["right"], r["domain"])
+            for r in records] == [
+        ("grant", getpass.getuser(), "dbt_transformer", "tokenize", "*"),
+        ("grant", getpass.getuser(), "matcher", "lookup", "email"),
+        ("revoke", getpass.getuser(), "matcher", "lookup", "email"),
+        ("grant", getpass.getuser(), "pii_reader", "detokenize", None)]
+
+
+def test_audit_checkpoint_then_verify_head_detects_truncation(cli, vault_path: Path,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path) -> None:
+    head = tmp_path / "head.jsonl"
+    cli("grant", "a")
+    cli("grant", "b")
+    assert "record 2" in cli("audit", "checkpoint", "--head", str(head)).output
+    assert "consistent with 1 checkpoint" in cli("audit", "verify", "--head", str(head)).output
+    db = sqlite3.connect(vault_path)
+    db.execute("delete from audit where seq = 2")
+    db.commit()
+    db.close()
+    assert "without --head" in cli("audit", "verify").output
+    result = cli("audit", "verify", "--head", str(head), ok=False)
+    assert result.exit_code != 0 and "truncated" in str(result.exception)
+
+
+def test_audit_show_flags_lookups_that_mostly_miss(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from deid.errors import PermissionDeniedError
+
+    svc = open_service_at(vault_path)
+    svc.store.grant_tokenize("etl", "*", "tokenize", "test")
+    svc.store.grant_tokenize("prober", "email", "lookup", "test")
+    svc.tokenize("email", [f"u{i}@example.com" for i in range(30)], principal="etl")
+    for i in range(30):
+        with pytest.raises(PermissionDeniedError):
+            svc.tokenize("email", [f"guess{i}@example.com"], principal="prober")
+    svc.flush_audit()
+    out = CliRunner().invoke(main, ["audit", "show", "--vault",
+                                                    f"sqlite:///{vault_path}"])
+    assert "GUESSING? prober: 30 of 30" in out.stderr
+    assert "etl" not in out.stderr

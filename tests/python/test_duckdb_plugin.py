@@ -9,12 +9,14 @@ import pytest
 
 from deid.duckdb_plugin import Plugin, register
 from deid.service import VaultTokenService
+from deid.stores.sqlite import SQLiteStore
 
 
 @pytest.fixture
 def con(service: VaultTokenService, tmp_path: Path) -> duckdb.DuckDBPyConnection:
+    service.store.grant_tokenize("dbt_transformer", "*", "tokenize", "test")
     c = duckdb.connect(str(tmp_path / "w.duckdb"))
-    register(c, service, "analyst")
+    register(c, service, "dbt_transformer")
     return c
 
 
@@ -71,8 +73,33 @@ def test_detokenize_follows_the_principal(service: VaultTokenService, tmp_path: 
     register(reader, service, "reader")
     assert reader.sql(f"select deid.detokenize('{token}'), deid.detokenize(null)").fetchall() \
         == [("a@example.com", None)]
-    outcomes = [r["outcome"] for r in service.store.audit_records()]
+    outcomes = [r["outcome"] for r in service.store.audit_records()
+                if r["action"] == "detokenize"]
     assert outcomes == ["denied", "allowed"]
+
+
+def test_tokenize_follows_the_profile_principal(service: VaultTokenService) -> None:
+    """Deny by default; a look-up-only principal gets existing tokens and fails (audited) on
+    a value the vault has never seen, so it cannot mint its guesses."""
+    service.store.grant_tokenize("dbt_transformer", "*", "tokenize", "test")
+    minter, analyst, looker = duckdb.connect(), duckdb.connect(), duckdb.connect()
+    register(minter, service, "dbt_transformer")
+    register(analyst, service, "analyst")
+    register(looker, service, "matcher")
+    [(token,)] = minter.sql("select deid.tokenize('known@example.com', 'email')").fetchall()
+    with pytest.raises(duckdb.Error, match="principal 'analyst' is not in the vault's tokenize"):
+        analyst.sql("select deid.tokenize('known@example.com', 'email')").fetchall()
+    service.store.grant_tokenize("matcher", "email", "lookup", "test")
+    assert looker.sql("select deid.tokenize('KNOWN@example.com', 'email')").fetchall() == [
+        (token,)]
+    before = service.store.stats()["tokens"]
+    with pytest.raises(duckdb.Error, match="may only look up") as exc:
+        looker.sql("select deid.tokenize(v, 'email') from (values ('known@example.com'), "
+                   "('guess@example.com')) t(v)").fetchall()
+    assert "guess@" not in str(exc.value)
+    assert service.store.stats()["tokens"] == before, "a look-up never mints"
+    with pytest.raises(duckdb.Error, match="'matcher' is not in the vault's tokenize policy"):
+        looker.sql("select deid.tokenize('x', 'string')").fetchall()  # other domain
 
 
 def test_each_cursor_sees_the_udfs(con: duckdb.DuckDBPyConnection) -> None:
@@ -83,6 +110,8 @@ def test_each_cursor_sees_the_udfs(con: duckdb.DuckDBPyConnection) -> None:
 
 def test_plugin_reads_vault_and_principal_from_config(tmp_path: Path) -> None:
     url = "sqlite:////" + str(tmp_path / "pv" / "vault.db").lstrip("/")
+    SQLiteStore(tmp_path / "pv" / "vault.db").grant_tokenize("dbt_transformer", "*",
+                                                             "tokenize", "test")
     plugin = Plugin.__new__(Plugin)
     plugin.initialize({"vault": url, "principal": "dbt_transformer", "cache_size": 10})
     assert plugin.config.cache_size == 10 and plugin.principal == "dbt_transformer"

@@ -207,7 +207,22 @@ def test_policy_denies_and_audits(vault_url: str) -> None:
     records = list(s.store.audit_records())
     assert [(r["principal"], r["outcome"], r["query_id"]) for r in records] == [
         ("intruder", "denied", "7")]
-    assert s.verify_audit() == {"records": 1, "head": records[0]["hash"]}
+    assert s.verify_audit() == {"records": 1, "head": records[0]["hash"], "checkpoints": 0}
+
+
+def test_tokenize_policy_grants_replace_and_revoke(vault_url: str) -> None:
+    store = service(vault_url).store
+    assert store.tokenize_mode("matcher", "email") is None
+    assert store.grant_tokenize("matcher", "email", "lookup", "admin") is True
+    assert store.grant_tokenize("matcher", "email", "lookup", "admin") is False
+    assert store.tokenize_mode("matcher", "email") == "lookup"
+    assert store.tokenize_mode("matcher", "phone") is None
+    assert store.grant_tokenize("matcher", "*", "tokenize", "admin") is True
+    assert store.tokenize_mode("matcher", "phone") == "tokenize"  # rights add up
+    assert store.revoke_tokenize("matcher", "*") is True
+    assert store.revoke_tokenize("matcher", "*") is False
+    assert [(g["principal"], g["domain"], g["mode"]) for g in store.tokenize_grants()] == [
+        ("matcher", "email", "lookup")]
 
 
 def test_concurrent_audit_appends_stay_one_chain(vault_url: str) -> None:

@@ -47,16 +47,23 @@ class CountingStore(SQLiteStore):
         return super().fetch_values(tokens)
 
 
+# The Lambda serves the database the documented payloads come from.
+SERVES_DEV = HandlerConfig(databases=frozenset({"dev"}))
+
+
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CountingStore:
     monkeypatch.delenv("DEID_KEYS", raising=False)
-    return CountingStore(tmp_path / "vault.db")
+    s = CountingStore(tmp_path / "vault.db")
+    s.grant_tokenize("dbt_transformer", "*", "tokenize", "test")  # the payload's user
+    return s
 
 
 @pytest.fixture
 def udf(store: CountingStore) -> RedshiftUDF:
     # No caches: every batch must reach the vault, as in a cold container.
-    return RedshiftUDF(VaultTokenService(store, cache_size=0, detokenize_cache_size=0))
+    return RedshiftUDF(VaultTokenService(store, cache_size=0, detokenize_cache_size=0),
+                       SERVES_DEV)
 
 
 def ok(response: str) -> list[Any]:
@@ -167,7 +174,8 @@ def test_maximal_batch_stays_under_the_lambda_limit(udf: RedshiftUDF) -> None:
 
 
 def test_a_response_over_the_limit_is_an_error_not_a_truncation(store: CountingStore) -> None:
-    udf = RedshiftUDF(VaultTokenService(store), HandlerConfig(payload_limit=200))
+    udf = RedshiftUDF(VaultTokenService(store),
+                      HandlerConfig(databases=frozenset({"dev"}), payload_limit=200))
     rows = [[f"u{i}@example.com", "email"] for i in range(10)]
     event = {**payload("tokenize_request.json"), "num_records": 10, "arguments": rows}
     assert "MAX_BATCH_ROWS" in failed(udf.tokenize(event))
@@ -196,7 +204,7 @@ def test_detokenize_documented_shape(udf: RedshiftUDF, store: CountingStore) -> 
     response = udf.detokenize(event)
     assert ok(response) == ["zoë.ünïcødé@例え.jp", None, None, "zoë.ünïcødé@例え.jp"]
     assert store.calls["fetch_values"] == 1
-    audit = list(store.audit_records())
+    audit = [a for a in store.audit_records() if a["action"] == "detokenize"]
     assert [(a["principal"], a["outcome"], a["query_id"], a["count"], a["kinds"])
             for a in audit] == [("pii_reader", "allowed", "5678299", 2, {"email": 2})]
     assert audit[0]["host"].startswith("redshift:arn:aws:redshift:")
@@ -211,7 +219,7 @@ def test_unauthorized_user_is_denied_and_audited(udf: RedshiftUDF,
     message = failed(udf.detokenize(event))
     assert "permission denied" in message and "ana@" not in message
     assert tokens[0] not in message
-    [record] = list(store.audit_records())
+    [record] = [a for a in store.audit_records() if a["action"] == "detokenize"]
     assert (record["principal"], record["outcome"], record["query_id"]) == (
         "superuser_adhoc", "denied", "991")
 
@@ -243,6 +251,9 @@ def test_entry_points_build_the_service_once_from_env(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DEID_KEYS", raising=False)
     monkeypatch.setenv("DEID_VAULT", f"sqlite:///{tmp_path}/env-vault.db")
+    monkeypatch.setenv("DEID_DATABASES", "dev, analytics")
+    SQLiteStore(tmp_path / "env-vault.db").grant_tokenize("dbt_transformer", "*", "tokenize",
+                                                          "test")
     lh.reset()
     try:
         first = ok(lh.tokenize_handler(payload("tokenize_request.json"), None))
@@ -296,3 +307,39 @@ def test_attack_an_ungranted_user_in_another_database_cannot_tokenize(
     message = failed(udf.tokenize(event))
     assert "analyst" in message and "ana.garcia" not in message
     assert store.stats()["tokens"] == {}, "no token minted for a refused request"
+
+
+@pytest.mark.parametrize("user, database, needle", [
+    ("analyst", "dev", "not in the vault's tokenize policy"),   # the database is served
+    ("dbt_transformer", "scratch_db", "does not serve"),         # the user is granted
+])
+def test_tokenize_needs_a_granted_user_and_a_served_database(
+        udf: RedshiftUDF, store: CountingStore, user: str, database: str, needle: str) -> None:
+    event = {**payload("tokenize_request.json"), "user": user, "database": database}
+    message = failed(udf.tokenize(event))
+    assert needle in message
+    assert store.stats()["tokens"] == {}
+    assert ok(udf.tokenize(payload("tokenize_request.json")))[0] is not None
+
+
+def test_tokenize_is_audited_per_invocation_in_aggregate(udf: RedshiftUDF,
+                                                         store: CountingStore) -> None:
+    """One record per kind and invocation: who, which database and query, how many values
+    were new and how many existed; never a value or a token."""
+    event = payload("tokenize_request.json")
+    first = ok(udf.tokenize(event))
+    ok(udf.tokenize({**event, "query_id": 5678235}))
+    records = [r for r in store.audit_records() if r["action"] == "tokenize"]
+    assert [(r["query_id"], r["domain"], r["new"], r["existing"]) for r in records] == [
+        ("5678234", "email", 3, 0), ("5678234", "phone", 1, 0),
+        ("5678235", "email", 0, 3), ("5678235", "phone", 0, 1)]
+    assert {r["principal"] for r in records} == {"dbt_transformer"}
+    assert all(r["host"].endswith("/dev") for r in records)
+    text = json.dumps(records)
+    assert "ana.garcia" not in text and not any(t and t in text for t in first)
+
+
+def test_an_empty_database_list_serves_nothing(store: CountingStore) -> None:
+    udf = RedshiftUDF(VaultTokenService(store))
+    assert "does not serve" in failed(udf.tokenize(payload("tokenize_request.json")))
+    assert "does not serve" in failed(udf.detokenize(payload("detokenize_request.json")))

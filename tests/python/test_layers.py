@@ -15,7 +15,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "udfs" / "deid"
 
-CORE = ["errors.py", "kinds.py", "keys.py", "service.py", "_cache.py", "_url.py"]
+CORE = ["errors.py", "kinds.py", "keys.py", "service.py", "_cache.py", "_url.py", "_audit.py",
+        "_policy.py"]
 HOSTS = ["duckdb_plugin", "lambda_handler", "plpython_host", "cli"]
 BACKENDS = ["stores.sqlite", "stores.postgres", "stores.dynamodb", "skyflow"]
 

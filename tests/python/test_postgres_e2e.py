@@ -168,6 +168,7 @@ def built(env):
     store = open_store(env["cluster"].url() + "?schema=deid_vault")
     store.grant("pii_reader", "e2e test")
     store.grant("ex_reader", "e2e test")
+    store.grant_tokenize("transformer", "*", "tokenize", "e2e test")
     store.revoke("ex_reader")  # removed from the vault policy; still holds EXECUTE
     store.close()
     dbt(env, "transformer", "seed")

@@ -41,6 +41,9 @@ def cluster():
     try:
         paths = json.dumps(_python_path())
         pg_cluster.admin_sql(c, "create extension plpython3u;" + postgres_store.vault_ddl(SCHEMA))
+        # The UDFs below run as the admin login (session_user): it mints tokens.
+        pg_cluster.admin_sql(c, f"insert into {SCHEMA}.tokenize_grants values "
+                                f"('{pg_cluster.ADMIN}', '*', 'tokenize', 'now', 'pytest')")
         for name, params, args in (("t_tokenize", "value text, kind text", "value, kind"),
                                    ("t_detokenize", "token text", "token")):
             fn = name[2:]
@@ -160,6 +163,20 @@ def test_policy_and_audit_chain(store):
     assert [r["outcome"] for r in records[-2:]] == ["allowed", "denied"]
     assert all("123-45-6789" not in json.dumps(r) for r in records)
     assert svc.verify_audit()["records"] == len(records)
+
+
+def test_tokenize_policy_grants_replace_and_revoke(store):
+    assert store.tokenize_mode("matcher", "email") is None
+    assert store.grant_tokenize("matcher", "email", "lookup", "pytest") is True
+    assert store.grant_tokenize("matcher", "email", "lookup", "pytest") is False
+    assert store.tokenize_mode("matcher", "email") == "lookup"
+    assert store.tokenize_mode("matcher", "phone") is None
+    assert store.grant_tokenize("matcher", "*", "tokenize", "pytest") is True
+    assert store.tokenize_mode("matcher", "phone") == "tokenize"  # rights add up
+    assert store.revoke_tokenize("matcher", "*") is True
+    assert store.revoke_tokenize("matcher", "*") is False
+    assert [(g["principal"], g["domain"], g["mode"]) for g in store.tokenize_grants()
+            if g["principal"] == "matcher"] == [("matcher", "email", "lookup")]
 
 
 def test_concurrent_appends_keep_one_chain(cluster, store):

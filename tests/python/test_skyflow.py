@@ -549,11 +549,13 @@ def test_access_token_expiry_is_read_from_the_jwt():
 
 def test_redshift_lambda_handlers_work_over_skyflow(make, fake, tmp_path):
     """The Lambda host needs nothing Skyflow-specific: same payloads, same answers."""
-    from deid.lambda_handler import RedshiftUDF
+    from deid.lambda_handler import HandlerConfig, RedshiftUDF
 
     policy_db = tmp_path / "policy.db"
     SQLiteStore(policy_db).grant("pii_reader", granted_by="admin")
-    udf = RedshiftUDF(make(policy=f"sqlite:///{policy_db}", ctx="user+query"))
+    SQLiteStore(policy_db).grant_tokenize("dbt_transformer", "*", "tokenize", "admin")
+    udf = RedshiftUDF(make(policy=f"sqlite:///{policy_db}", ctx="user+query"),
+                      HandlerConfig(databases=frozenset({"dev"})))
     payloads = Path(__file__).with_name("payloads")
     event = json.loads((payloads / "tokenize_request.json").read_text())
     answer = json.loads(udf.tokenize(event))
@@ -607,13 +609,21 @@ def test_a_redacted_or_masked_answer_is_never_returned_as_the_value(make, fake, 
 
 def test_attack_an_ungranted_warehouse_user_cannot_tokenize_through_skyflow(make, fake, tmp_path):
     """Attack: through the Lambda host, any Redshift user minted its guesses into Skyflow."""
-    from deid.lambda_handler import RedshiftUDF
+    from deid.lambda_handler import HandlerConfig, RedshiftUDF
 
     policy_db = tmp_path / "policy.db"
-    SQLiteStore(policy_db)
-    udf = RedshiftUDF(make(policy=f"sqlite:///{policy_db}"))
+    SQLiteStore(policy_db).grant_tokenize("dbt_transformer", "*", "tokenize", "admin")
+    # Both databases served: the vault's tokenize policy is what refuses the analyst.
+    udf = RedshiftUDF(make(policy=f"sqlite:///{policy_db}", ctx="user+query"),
+                      HandlerConfig(databases=frozenset({"dev", "scratch_db"})))
     event = json.loads((Path(__file__).with_name("payloads") / "tokenize_request.json")
                        .read_text())
     answer = json.loads(udf.tokenize({**event, "user": "analyst", "database": "scratch_db"}))
     assert answer["success"] is False
+    assert "not in the vault's tokenize policy" in answer["error_msg"]
     assert fake.record_count("persons") == 0, "nothing reached Skyflow"
+    assert json.loads(udf.tokenize(event))["success"] is True
+    assert fake.requests("insert")[-1].ctx == {"user": "dbt_transformer", "query_id": "5678234"}
+    audit = [(r["principal"], r["outcome"]) for r in SQLiteStore(policy_db).audit_records()
+             if r["action"] == "tokenize"]
+    assert audit[0] == ("analyst", "denied") and ("dbt_transformer", "allowed") in audit

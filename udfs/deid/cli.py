@@ -1,4 +1,4 @@
-"""``deid``: administer a deid vault (keys, detokenize policy, audit log, stats).
+"""``deid``: administer a deid vault (keys, tokenize and detokenize policies, audit log, stats).
 
 The vault is chosen by ``--vault`` or ``DEID_VAULT`` (default ``sqlite:///.deid/vault.db``).
 Nothing here prints a value, a token or key material.
@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from . import _audit
+from ._policy import ALL_DOMAINS
 from .errors import DeidError
 from .service import VaultTokenService
 from .stores import StoredValue
@@ -41,42 +43,87 @@ def main() -> None:
 
 @main.command()
 @_vault_option
-def init(vault: str | None) -> None:
-    """Create the vault and its keys (idempotent)."""
+@click.option("--transformer", "transformers", multiple=True, metavar="PRINCIPAL",
+              help="Grant PRINCIPAL tokenize (mint) in every domain: the principal that builds "
+                   "the marts (repeatable).")
+def init(vault: str | None, transformers: tuple[str, ...]) -> None:
+    """Create the vault and its keys (idempotent); tokenize is denied until granted."""
     svc = _service(vault)
     click.echo(f"vault: {svc.store.url}")
     click.echo(f"keys:  {svc.keyring.source} (versions {sorted(svc.keyring.keys)}, "
                f"current {svc.keyring.current})")
+    for principal in transformers:
+        _grant(svc, principal, "tokenize", ALL_DOMAINS)
+
+
+_RIGHTS = ("detokenize", "tokenize", "lookup")
+
+
+def _right_options(f: Any) -> Any:
+    f = click.option("--domain", default=ALL_DOMAINS, show_default=True,
+                     help="tokenize/lookup: the token domain (email, or email:marketing's "
+                          "domain marketing); * is every domain.")(f)
+    for right in reversed(_RIGHTS):
+        help_text = {"detokenize": "re-identify tokens (the default)",
+                     "tokenize": "mint new tokens and look up existing ones",
+                     "lookup": "only receive tokens of values already in the vault"}[right]
+        f = click.option(f"--{right}", "right", flag_value=right, default=None,
+                         help=help_text)(f)
+    return f
+
+
+def _grant(svc: VaultTokenService, principal: str, right: str, domain: str) -> None:
+    if right == "detokenize":
+        added = svc.store.grant(principal, _admin())
+    else:
+        added = svc.store.grant_tokenize(principal, domain, right, _admin())
+    where = f" in domain {domain}" if right != "detokenize" else ""
+    svc.audit("grant", _admin(), "added" if added else "unchanged", subject=principal,
+              right=right, domain=domain if right != "detokenize" else None, host="cli")
+    click.echo(f"{principal}: {'granted' if added else 'already granted'} {right}{where}")
 
 
 @main.command()
 @click.argument("principal")
+@_right_options
 @_vault_option
-def grant(principal: str, vault: str | None) -> None:
-    """Allow PRINCIPAL to detokenize (the warehouse must grant EXECUTE too)."""
-    svc = _service(vault)
-    added = svc.store.grant(principal, _admin())
-    svc.audit("grant", principal, "added" if added else "unchanged", host="cli")
-    click.echo(f"{principal}: {'granted' if added else 'already granted'} detokenize")
+def grant(principal: str, right: str, domain: str, vault: str | None) -> None:
+    """Allow PRINCIPAL to detokenize (default), tokenize or look up tokens.
+
+    The warehouse must grant EXECUTE too. A principal holds one of tokenize or lookup per
+    domain; granting the other replaces it.
+    """
+    _grant(_service(vault), principal, right or "detokenize", domain)
 
 
 @main.command()
 @click.argument("principal")
+@_right_options
 @_vault_option
-def revoke(principal: str, vault: str | None) -> None:
-    """Remove PRINCIPAL from the detokenize policy."""
+def revoke(principal: str, right: str, domain: str, vault: str | None) -> None:
+    """Remove PRINCIPAL's detokenize (default) or tokenize/lookup grant."""
     svc = _service(vault)
-    removed = svc.store.revoke(principal)
-    svc.audit("revoke", principal, "removed" if removed else "unchanged", host="cli")
-    click.echo(f"{principal}: {'revoked' if removed else 'was not granted'}")
+    right = right or "detokenize"
+    if right == "detokenize":
+        removed = svc.store.revoke(principal)
+    else:
+        removed = svc.store.revoke_tokenize(principal, domain)
+    svc.audit("revoke", _admin(), "removed" if removed else "unchanged", subject=principal,
+              right=right, domain=domain if right != "detokenize" else None, host="cli")
+    click.echo(f"{principal}: {'revoked' if removed else 'was not granted'} {right}")
 
 
 @main.command()
 @_vault_option
 def principals(vault: str | None) -> None:
-    """List the principals allowed to detokenize."""
-    for p in _service(vault).store.principals():
-        click.echo(f"{p['principal']}\tgranted {p['granted_at']} by {p['granted_by']}")
+    """List the vault's policies: who may detokenize, tokenize and look up."""
+    store = _service(vault).store
+    for p in store.principals():
+        click.echo(f"{p['principal']}\tdetokenize\tgranted {p['granted_at']} by "
+                   f"{p['granted_by']}")
+    for g in store.tokenize_grants():
+        click.echo(f"{g['principal']}\t{g['mode']} {g['domain']}\tgranted {g['granted_at']} "
+                   f"by {g['granted_by']}")
 
 
 @main.group()
@@ -167,25 +214,60 @@ def audit() -> None:
 @click.option("--limit", default=20, show_default=True, help="Show the last N records.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON record per line.")
 def audit_show(vault: str | None, limit: int, as_json: bool) -> None:
-    """Show the last audit records (principal, time, count, kinds; never values)."""
-    records = list(_service(vault).store.audit_records())[-limit:]
-    for r in records:
+    """Show the last audit records (who, time, counts, kinds; never values), then flag
+    principals whose tokenize lookups mostly miss (someone testing guesses)."""
+    all_records = list(_service(vault).store.audit_records())
+    for r in all_records[-limit:]:
         if as_json:
             click.echo(json.dumps(r, sort_keys=True))
-        else:
-            kinds = ",".join(f"{k}={n}" for k, n in r.get("kinds", {}).items()) or "-"
-            click.echo(f"#{r['seq']:<6} {r['at']}  {r['action']:<11} {r['principal']:<18} "
-                       f"{r['outcome']:<9} count={r.get('count', 0):<7} kinds={kinds}"
-                       + (f" query={r['query_id']}" if r.get("query_id") else ""))
+            continue
+        kinds = ",".join(f"{k}={n}" for k, n in r.get("kinds", {}).items()) or "-"
+        extra = ""
+        if r.get("subject"):
+            extra += f" subject={r['subject']} right={r.get('right')}"
+            extra += f" domain={r['domain']}" if r.get("domain") else ""
+        if r["action"] == "tokenize":
+            extra += f" new={r.get('new', 0)} existing={r.get('existing', 0)}"
+            extra += f" missed={r['missed']}" if r.get("missed") else ""
+        if r.get("query_id"):
+            extra += f" query={r['query_id']}"
+        click.echo(f"#{r['seq']:<6} {r['at']}  {r['action']:<11} {r['principal']:<18} "
+                   f"{r['outcome']:<9} count={r.get('count', 0):<7} kinds={kinds}{extra}")
+    for s in _audit.suspected_guessing(all_records):
+        click.echo(f"GUESSING? {s['principal']}: {s['missed']} of {s['lookups']} tokenize "
+                   "lookups missed or were refused", err=True)
+
+
+_head_option = click.option(
+    "--head", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    envvar="DEID_AUDIT_HEAD", show_envvar=True,
+    help="Head checkpoint file kept outside the vault (append-only, not writable by readers).")
 
 
 @audit.command("verify")
 @_vault_option
-def audit_verify(vault: str | None) -> None:
-    """Check the hash chain; exit 1 at the first altered, reordered or missing record."""
-    result = _service(vault).verify_audit()
+@_head_option
+def audit_verify(vault: str | None, head: Path | None) -> None:
+    """Check the hash chain; exit 1 at the first altered, reordered or missing record, or
+    (with --head) when the log was truncated or re-chained since a checkpoint."""
+    result = _service(vault).verify_audit(head)
     click.echo(f"audit log intact: {result['records']} records, head {result['head']}")
-    click.echo("(record the head elsewhere to detect truncation of the newest records)")
+    if head is None:
+        click.echo("(without --head a truncated log still verifies: keep checkpoints with "
+                   "deid audit checkpoint --head FILE)")
+    else:
+        click.echo(f"consistent with {result['checkpoints']} checkpoint(s) in {head}")
+
+
+@audit.command("checkpoint")
+@_vault_option
+@click.option("--head", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              envvar="DEID_AUDIT_HEAD", show_envvar=True,
+              help="Append-only file outside the vault that readers cannot write.")
+def audit_checkpoint(vault: str | None, head: Path) -> None:
+    """Verify the log, then append its head (seq, hash) to --head."""
+    doc = _service(vault).checkpoint_audit(head)
+    click.echo(f"checkpoint: record {doc['seq']}, head {doc['hash']} appended to {head}")
 
 
 @main.command()

@@ -6,13 +6,17 @@ Profile (``profiles.yml``)::
       - module: deid.duckdb_plugin
         config:
           vault: sqlite:///.deid/vault.db   # or env DEID_VAULT
-          principal: dbt_transformer        # who detokenize runs as (the vault policy checks it)
+          principal: dbt_transformer        # who tokenize/detokenize run as (the vault's
+                                            # policies check it)
           cache_size: 1000000               # tokenize cache entries (bounds memory)
 
 SQL sees ``deid.tokenize(value, kind)`` and ``deid.detokenize(token)``: two macros in an
 in-memory catalog named ``deid`` (attached per connection, so nothing is written into the
 warehouse file) over vectorized Arrow UDFs. DuckDB has no roles: the principal comes from the
-profile, and the real protection is who can read the vault and its key file.
+profile, and the real protection is who can read the vault and its key file. The vault's
+tokenize and detokenize policies are checked against that principal once per vector (and the
+tokenize rights cached for a few seconds), so the checks stop a misconfigured profile, not a
+person who can edit the profile or read the key file.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def register(conn: duckdb.DuckDBPyConnection,
     def tokenize(values: pa.Array | pa.ChunkedArray, kinds: pa.Array | pa.ChunkedArray) -> pa.Array:
         distinct = pc.unique(kinds).to_pylist()
         if len(distinct) == 1 and distinct[0] is not None:
-            return pa.array(factory().tokenize(distinct[0], values.to_pylist()),
+            return pa.array(factory().tokenize(distinct[0], values.to_pylist(),
+                                               principal=principal, host="duckdb"),
                             type=pa.string())
         # Several kinds in one vector (kind taken from a column): one call per kind.
         vals, ks = values.to_pylist(), kinds.to_pylist()
@@ -69,7 +74,8 @@ def register(conn: duckdb.DuckDBPyConnection,
                     raise InvalidKindError("deid.tokenize: the kind argument is NULL")
                 continue
             rows = [i for i, k in enumerate(ks) if k == kind]
-            tokens = factory().tokenize(kind, [vals[i] for i in rows])
+            tokens = factory().tokenize(kind, [vals[i] for i in rows], principal=principal,
+                                        host="duckdb")
             for i, t in zip(rows, tokens, strict=True):
                 out[i] = t
         return pa.array(out, type=pa.string())

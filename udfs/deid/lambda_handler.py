@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DeidError, InvalidValueError
+from .errors import DeidError, InvalidValueError, PermissionDeniedError
 from .service import TokenService
 from .vault import VaultConfig, open_service
 
@@ -50,11 +50,16 @@ class HandlerConfig:
     lowercase) this Lambda accepts in the payload's ``external_function``. Anyone allowed to
     CREATE EXTERNAL FUNCTION with the cluster's role could point a differently named, and
     differently granted, function at the same Lambda; this check refuses that.
+
+    ``databases``: the databases whose queries this Lambda serves (``DEID_DATABASES``, comma
+    separated). Redshift reports the caller as the payload's ``user`` *and* ``database``; the
+    vault's policies name the user, this names the database. Empty refuses every request.
     """
 
     vault: VaultConfig = field(default_factory=VaultConfig)
     tokenize_functions: frozenset[str] = frozenset({"deid.tokenize"})
     detokenize_functions: frozenset[str] = frozenset({"deid.detokenize"})
+    databases: frozenset[str] = frozenset()
     payload_limit: int = LAMBDA_PAYLOAD_LIMIT
 
     @classmethod
@@ -67,6 +72,8 @@ class HandlerConfig:
             vault=VaultConfig.from_env(),
             tokenize_functions=names("DEID_TOKENIZE_FUNCTION", "deid.tokenize"),
             detokenize_functions=names("DEID_DETOKENIZE_FUNCTION", "deid.detokenize"),
+            databases=frozenset(n.strip() for n in os.environ.get("DEID_DATABASES", "").split(",")
+                                if n.strip()),
         )
 
 
@@ -74,6 +81,7 @@ class HandlerConfig:
 class _Request:
     rows: list[Any]
     user: str
+    database: str
     query_id: str | None
     function: str
     host: str
@@ -105,6 +113,11 @@ class RedshiftUDF:
             req = _parse(event, arity=2 if action == "tokenize" else 1, expected=expected,
                          action=action)
             query_id = req.query_id
+            if req.database not in self.config.databases:
+                raise PermissionDeniedError(
+                    f"deid.{action}: permission denied: user {req.user[:128]!r} called from "
+                    f"database {req.database[:128]!r}, which this Lambda does not serve (its "
+                    "DEID_DATABASES setting lists the databases it serves)")
             results = body(req)
             response = _dumps({"success": True, "num_records": len(results),
                                "results": results})
@@ -155,7 +168,8 @@ class RedshiftUDF:
         for kind, distinct in by_kind.items():
             values = list(distinct)
             try:
-                tokens = self.service.tokenize(kind, values)
+                tokens = self.service.tokenize(kind, values, principal=req.user,
+                                               query_id=req.query_id, host=req.host)
             except InvalidValueError as exc:
                 row = distinct[values[exc.row - 1]] + 1 if exc.row else None
                 raise InvalidValueError(exc.kind, exc.reason, row=row,
@@ -164,6 +178,8 @@ class RedshiftUDF:
                 raise ProtocolError(f"deid.tokenize: the vault returned {len(tokens)} tokens "
                                     f"for {len(values)} values of kind {kind[:40]!r}")
             token_of[kind] = dict(zip(values, tokens, strict=True))
+        # A container may be frozen or dropped after any invocation: no aggregate waits.
+        self.service.flush_audit()
         return [None if row is None or row[0] is None else token_of[row[1]][row[0]]
                 for row in req.rows]
 
@@ -216,8 +232,10 @@ def _parse(event: Any, *, arity: int, expected: frozenset[str], action: str) -> 
                                     "cast it to varchar in SQL")
     cluster = event.get("cluster")
     database = event.get("database")
-    host = f"redshift:{str(cluster)[:256]}/{str(database)[:128]}"
-    return _Request(args, user, qid, function.strip().lower(), host)
+    if not isinstance(database, str) or not database:
+        raise ProtocolError(f"{what}: the request names no 'database'")
+    host = f"redshift:{str(cluster)[:256]}/{database[:128]}"
+    return _Request(args, user, database, qid, function.strip().lower(), host)
 
 
 def _dumps(doc: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._policy import Gate
 from .errors import (
     DeidError,
     InvalidKindError,
@@ -88,6 +89,7 @@ class _Host:
         self._service: VaultTokenService | None = None
         self._context: dict[str, Any] | None = None
         self._logged: str | None = None
+        self._tokenize_logged: set[tuple[str, str]] = set()
 
     def _current_scope(self) -> Any:
         if self._clock is not None:
@@ -98,10 +100,16 @@ class _Host:
     def service(self) -> VaultTokenService:
         scope = self._current_scope()
         if scope != self._scope or self._service is None:
+            if self._service is not None:
+                self._log_tokenize_counts(self._service.gate)
             self._service = self._context = None
+            self._tokenize_logged.clear()
             self.store.forget_keyring()
+            # Policy read once per scope; tokenize counts go to the server log (below), since
+            # a vault record would roll back with the caller.
+            gate = Gate(self.store, ttl_s=float("inf"), flush_s=float("inf"), at_exit=False)
             self._service = VaultTokenService(self.store, cache_size=CACHE_SIZE,
-                                              detokenize_cache_size=CACHE_SIZE)
+                                              detokenize_cache_size=CACHE_SIZE, gate=gate)
             self._scope = scope
         return self._service
 
@@ -123,6 +131,25 @@ class _Host:
                           f"statement {key}")
 
 
+    def log_tokenize(self, ctx: dict[str, Any], kind: str) -> None:
+        """One server-log line per statement and kind that tokenizes, written before the
+        vault is asked: tokenize is an oracle, and a caller that rolls back (a guess loop)
+        erases every vault record of it, but not this line (never a value)."""
+        key = (f"{ctx['pid']}@{ctx['statement']}", kind)
+        if key not in self._tokenize_logged:
+            self._tokenize_logged.add(key)
+            self.plpy.log(f"deid audit: tokenize by principal {ctx['principal']!r} in "
+                          f"statement {key[0]} (kind {kind[:80]!r})")
+
+    def _log_tokenize_counts(self, gate: Gate) -> None:
+        """The previous scope's counts of new and existing values (known only once the next
+        scope starts; a session's last statement keeps only its start line above)."""
+        for r in gate.drain():
+            self.plpy.log(f"deid audit: tokenize by principal {r['principal']!r} in statement "
+                          f"{r['query_id']}: domain {r['domain']!r}, "
+                          f"{r['new']} new, {r['existing']} existing")
+
+
 def _host(plpy: Any, schema: str) -> _Host:
     host = _hosts.get(schema)
     if host is None:
@@ -138,10 +165,21 @@ def tokenize(plpy: Any, value: str | None, kind: str | None, *,
     try:
         if kind is None:
             raise InvalidKindError("deid.tokenize: the kind argument is NULL")
-        return _host(plpy, vault_schema).service().tokenize(kind, [value])[0]
+        host = _host(plpy, vault_schema)
+        service = host.service()
+        ctx = host.context()
+        host.log_tokenize(ctx, kind)
+        return service.tokenize(kind, [value], principal=ctx["principal"],
+                                query_id=f"{ctx['pid']}@{ctx['statement']}",
+                                host="postgresql")[0]
     except InvalidValueError as exc:
         # One value per call here: "row 1 of the batch" would mislead.
         _fail(plpy, InvalidValueError(exc.kind, exc.reason, column=exc.column))
+    except PermissionDeniedError as exc:
+        # The vault's record of the refusal rolls back with the failed statement.
+        plpy.log(f"deid audit: tokenize refused by the vault policy for principal "
+                 f"{_principal(plpy, vault_schema)!r}")
+        _fail(plpy, exc)
     except Exception as exc:
         _fail(plpy, exc, "deid.tokenize")
     return None  # not reached: _fail raises

@@ -3,29 +3,32 @@
 ``tokenize(kind, values)`` normalizes each value, fingerprints it under the vault's key,
 looks the fingerprint up, and mints a random token (with its value encrypted) only for
 fingerprints never seen. ``detokenize(tokens, principal)`` checks the vault policy, audits,
-then decrypts. Both fail whole: one bad row fails the batch, so a query (and the dbt model
-that runs it) fails instead of storing a NULL, a raw value or an error string.
+then decrypts. Both check the vault's policy for the caller's principal once per batch and
+audit through one `Gate` (deid._policy); tokenize's front half (`TokenizeBatch`) is shared
+with every other token service. Both fail whole: one bad row fails the batch, so a query
+(and the dbt model that runs it) fails instead of storing a NULL, a raw value or an error
+string.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
+from . import _audit
 from . import kinds as _kinds
 from ._cache import BoundedCache
+from ._policy import Gate
 from .errors import (
-    DeidError,
     InvalidValueError,
-    PermissionDeniedError,
     StaleKeyVersionError,
     UnknownTokenError,
     VaultKeyError,
     VaultUnavailableError,
 )
-from .stores import GENESIS, NewRecord, StoredValue, VaultStore
+from .stores import NewRecord, StoredValue, VaultStore
 
 DEFAULT_CACHE_SIZE = 1_000_000
 _MAX_COLLISION_RETRIES = 8
@@ -38,13 +41,119 @@ def _first_row(tokens: list[str | None], bad: list[Any]) -> int:
 
 
 class TokenService(Protocol):
-    """What a UDF host needs. Implemented by `VaultTokenService` and by external vaults."""
+    """What a UDF host needs. Implemented by `VaultTokenService` and by external vaults.
+
+    `principal` is the engine's identity of the caller (PostgreSQL ``session_user``, the
+    Redshift payload's ``user``, the DuckDB profile's principal). Hosts always pass it; None
+    means an in-process caller that holds the vault itself (its store and keys), for which a
+    policy would prove nothing.
+    """
 
     def tokenize(self, kind: str, values: Sequence[str | None], *,
-                 column: str | None = None) -> list[str | None]: ...
+                 column: str | None = None, principal: str | None = None,
+                 query_id: str | None = None, host: str | None = None) -> list[str | None]: ...
 
     def detokenize(self, tokens: Sequence[str | None], *, principal: str,
                    query_id: str | None = None, host: str | None = None) -> list[str | None]: ...
+
+    def flush_audit(self) -> None: ...
+
+
+class TokenizeBatch:
+    """The front half of tokenize, shared by every token service: parse the kind, check the
+    tokenize policy (once per batch), serve cached tokens, refuse non-text values, normalize
+    the rest. NULL stays NULL and is never counted, checked or sent to a vault."""
+
+    __slots__ = ("column", "gate", "host", "mode", "namespace", "out", "pending",
+                 "principal", "query_id", "spec", "values")
+
+    def __init__(self, kind: str, values: Sequence[str | None], *, column: str | None,
+                 cache: BoundedCache, gate: Gate, principal: str | None,
+                 query_id: str | None, host: str | None) -> None:
+        self.spec = spec = _kinds.parse_kind(kind)
+        self.values = values if isinstance(values, list) else list(values)
+        self.column, self.gate = column, gate
+        self.principal, self.query_id, self.host = principal, query_id, host
+        self.mode = "tokenize" if principal is None else gate.require_tokenize(
+            principal, spec.domain, spec.name, len(self.values) - self.values.count(None),
+            query_id=query_id, host=host)
+        # One cache namespace per domain and kind: a value has one token per domain.
+        self.namespace = (spec.domain, spec.name)
+        self.out = cache.lookup(self.namespace, self.values)
+        self.pending: dict[str, list[int]] = {}
+
+    def done(self) -> bool:
+        """True when every non-NULL value was cached (the steady-state fast path)."""
+        values, out = self.values, self.out
+        if out.count(None) == values.count(None):
+            self.count(new=0, existing=len(values) - values.count(None))
+            return True
+        pending = self.pending
+        for i, (v, t) in enumerate(zip(values, out, strict=True)):
+            if t is None and v is not None:
+                pending.setdefault(v, []).append(i)
+        if any(not isinstance(v, str) for v in pending):
+            row = next(i for i, v in enumerate(values) if v is not None and not isinstance(v, str))
+            raise InvalidValueError(self.spec.name, "is not text", row=row + 1,
+                                    column=self.column)
+        return False
+
+    def groups(self, *, by: str) -> dict[str, tuple[str, list[str]]]:
+        """Pending raw values grouped by match key (``by="match"``) or canonical form
+        (``by="canonical"``): key -> (canonical, raw spellings). Several spellings may share
+        one key."""
+        raws = list(self.pending)
+        try:
+            normalized = _kinds.normalize_many(self.spec.kind, raws)
+        except _kinds._Invalid as exc:
+            raise InvalidValueError(self.spec.name, str(exc),
+                                    row=self.pending[raws[exc.index]][0] + 1,
+                                    column=self.column) from None
+        out: dict[str, tuple[str, list[str]]] = {}
+        for raw, (canonical, match_key) in zip(raws, normalized, strict=True):
+            key = match_key if by == "match" else canonical
+            entry = out.get(key)
+            if entry is None:
+                out[key] = (canonical, [raw])
+            else:
+                entry[1].append(raw)
+        return out
+
+    def rows(self, raws: list[str]) -> int:
+        return sum(len(self.pending[r]) for r in raws)
+
+    def refuse_misses(self, missing_raws: list[str]) -> None:
+        """For a look-up-only principal: fail the batch (audited) if a value is unseen."""
+        if self.mode == "lookup" and missing_raws:
+            assert self.principal is not None
+            missed = self.rows(missing_raws)
+            present = len(self.values) - self.values.count(None)
+            row = min(self.pending[r][0] for r in missing_raws) + 1
+            raise self.gate.missed(self.principal, self.spec.domain, self.spec.name,
+                                   existing=present - missed, missed=missed, row=row,
+                                   query_id=self.query_id, host=self.host)
+
+    def finish(self, cache: BoundedCache, groups: dict[str, tuple[str, list[str]]],
+               token_of: dict[str, str], *, new_raws: int) -> list[str | None]:
+        """Fill the output from key -> token, remember the spellings, count for the audit."""
+        out, pending = self.out, self.pending
+        learned = []
+        for key, (_canonical, spellings) in groups.items():
+            token = token_of[key]
+            for raw in spellings:
+                learned.append((raw, token))
+                for i in pending[raw]:
+                    out[i] = token
+        cache.store(self.namespace, learned)
+        present = len(self.values) - self.values.count(None)
+        self.count(new=new_raws, existing=present - new_raws)
+        return out
+
+    def count(self, *, new: int, existing: int) -> None:
+        if self.principal is not None:
+            self.gate.count_tokenize(self.principal, self.spec.domain, self.spec.name,
+                                     new=new, existing=existing, query_id=self.query_id,
+                                     host=self.host)
 
 
 class VaultTokenService:
@@ -52,60 +161,38 @@ class VaultTokenService:
 
     `cache_size` bounds the tokenize cache (raw value → token, per kind spec) and
     `detokenize_cache_size` the detokenize cache (token → value); 0 disables one. These, not
-    the row count, bound the service's memory.
+    the row count, bound the service's memory. `gate` checks the vault's policies and appends
+    the audit log (one is made over the store when not given).
     """
 
     def __init__(self, store: VaultStore, *, cache_size: int = DEFAULT_CACHE_SIZE,
-                 detokenize_cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+                 detokenize_cache_size: int = DEFAULT_CACHE_SIZE,
+                 gate: Gate | None = None) -> None:
         self.store = store
         self.keyring = store.keyring()
         self._token_cache = BoundedCache(cache_size)
         self._value_cache = BoundedCache(detokenize_cache_size)
+        self.gate = gate or Gate(store)
+        if self.gate.seal is None:
+            self.gate.seal = self._seal
+
+    def _seal(self, prev: str, record: dict[str, Any]) -> str:
+        return self.keyring.chain(prev, record)  # the keyring may be reloaded meanwhile
 
     # -- tokenize -------------------------------------------------------------------------
 
     def tokenize(self, kind: str, values: Sequence[str | None], *,
-                 column: str | None = None) -> list[str | None]:
-        spec = _kinds.parse_kind(kind)
-        values = values if isinstance(values, list) else list(values)
-        # One cache namespace per domain and kind: a value has one token per domain.
-        namespace = (spec.domain, spec.name)
-        out = self._token_cache.lookup(namespace, values)
-        if out.count(None) == values.count(None):
-            return out  # every non-NULL value was cached: the steady-state fast path
-        pending: dict[str, list[int]] = {}
-        for i, (v, t) in enumerate(zip(values, out, strict=True)):
-            if t is None and v is not None:
-                pending.setdefault(v, []).append(i)
-        if any(not isinstance(v, str) for v in pending):
-            row = next(i for i, v in enumerate(values) if v is not None and not isinstance(v, str))
-            raise InvalidValueError(spec.name, "is not text", row=row + 1, column=column)
-
-        # Normalize every distinct raw value; several spellings may share one match key.
-        raws = list(pending)
-        try:
-            normalized = _kinds.normalize_many(spec.kind, raws)
-        except _kinds._Invalid as exc:
-            raise InvalidValueError(spec.name, str(exc), row=pending[raws[exc.index]][0] + 1,
-                                    column=column) from None
-        by_match: dict[str, tuple[str, list[str]]] = {}  # match_key -> (canonical, raw values)
-        for raw, (canonical, match_key) in zip(raws, normalized, strict=True):
-            entry = by_match.get(match_key)
-            if entry is None:
-                by_match[match_key] = (canonical, [raw])
-            else:
-                entry[1].append(raw)
-
-        tokens_by_match = self._tokens_for(spec, by_match)
-        learned = []
-        for match_key, (_canonical, spellings) in by_match.items():
-            token = tokens_by_match[match_key]
-            for raw in spellings:
-                learned.append((raw, token))
-                for i in pending[raw]:
-                    out[i] = token
-        self._token_cache.store(namespace, learned)
-        return out
+                 column: str | None = None, principal: str | None = None,
+                 query_id: str | None = None, host: str | None = None) -> list[str | None]:
+        batch = TokenizeBatch(kind, values, column=column, cache=self._token_cache,
+                              gate=self.gate, principal=principal, query_id=query_id,
+                              host=host)
+        if batch.done():
+            return batch.out
+        by_match = batch.groups(by="match")
+        tokens_by_match, minted = self._tokens_for(batch, by_match)
+        new_raws = batch.rows([raw for m in minted for raw in by_match[m][1]])
+        return batch.finish(self._token_cache, by_match, tokens_by_match, new_raws=new_raws)
 
     def _insert(self, spec: _kinds.KindSpec, fingerprints: list[bytes], canonicals: list[str],
                 tokens: list[str]) -> dict[bytes, str]:
@@ -127,18 +214,22 @@ class VaultTokenService:
                 self.keyring = self.store.reload_keyring()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _tokens_for(self, spec: _kinds.KindSpec,
-                    by_match: dict[str, tuple[str, list[str]]]) -> dict[str, str]:
-        ring = self.keyring
+    def _tokens_for(self, batch: TokenizeBatch, by_match: dict[str, tuple[str, list[str]]]
+                    ) -> tuple[dict[str, str], set[str]]:
+        """(match key -> token, the match keys whose token this call minted)."""
+        spec, ring = batch.spec, self.keyring
         fp_of = dict(zip(by_match, ring.fingerprints(spec.domain, list(by_match)), strict=True))
         found = self.store.find_tokens(spec.domain, list(fp_of.values()))
         result = {m: found[fp] for m, fp in fp_of.items() if fp in found}
         missing = [m for m in by_match if m not in result]
+        batch.refuse_misses([raw for m in missing for raw in by_match[m][1]])
+        minted: set[str] = set()
         for _attempt in range(_MAX_COLLISION_RETRIES):
             if not missing:
-                return result
+                return result, minted
             canonicals = [by_match[m][0] for m in missing]
             fresh = spec.kind.new_tokens(len(missing), canonicals)
+            proposed = dict(zip(missing, fresh, strict=True))
             winners = self._insert(spec, [fp_of[m] for m in missing], canonicals, fresh)
             still = []
             for m in missing:
@@ -147,6 +238,8 @@ class VaultTokenService:
                     still.append(m)  # proposed token collided with another value's token
                 else:
                     result[m] = token
+                    if token == proposed[m]:
+                        minted.add(m)  # ours, not a concurrent writer's
             missing = still
         raise VaultUnavailableError(
             f"deid.tokenize: kind {spec.name!r}: could not mint unique tokens after "
@@ -172,17 +265,8 @@ class VaultTokenService:
                 malformed.append(t)
             else:
                 kinds[k.name] += n
-        allowed = self.store.is_allowed(principal)
-        outcome = "allowed" if allowed else "denied"
-        if allowed and malformed:
-            outcome = "rejected"
-        if counts or not allowed:  # an all-NULL batch reveals nothing: no record needed
-            self.audit("detokenize", principal, outcome, count=sum(counts.values()),
-                       kinds=kinds, query_id=query_id, host=host)
-        if not allowed:
-            raise PermissionDeniedError(
-                f"deid.detokenize: permission denied: principal {principal!r} is not in the "
-                "vault's detokenize policy (ask a vault admin: deid grant <principal>)")
+        self.gate.detokenize(principal, count=sum(counts.values()), kinds=kinds,
+                             query_id=query_id, host=host, rejected=bool(malformed))
         if malformed:
             raise UnknownTokenError(
                 f"deid.detokenize: row {_first_row(tokens, malformed)} of the batch is not a "
@@ -215,36 +299,26 @@ class VaultTokenService:
             self.keyring = reload()
             return self.keyring.decrypt(token, value.key_version, value.ciphertext)
 
-    def audit(self, action: str, principal: str, outcome: str, *, count: int = 0,
-              kinds: Counter[str] | None = None, query_id: str | None = None,
-              host: str | None = None) -> None:
-        """Append one record to the hash-chained audit log. Never pass values or tokens."""
-        record = {
-            "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
-            "action": action,
-            "principal": principal,
-            "outcome": outcome,
-            "count": count,
-            "kinds": dict(sorted((kinds or {}).items())),
-            "query_id": query_id,
-            "host": host,
-        }
-        self.store.append_audit(record, self.keyring.chain)
+    def audit(self, action: str, principal: str, outcome: str, **fields: Any) -> None:
+        """Append one record to the hash-chained audit log: `principal` is who acted; for a
+        grant or revoke, `subject` is whom it concerns. Never pass values or tokens."""
+        self.gate.append({"action": action, "principal": principal, "outcome": outcome,
+                          **fields})
+
+    def flush_audit(self) -> None:
+        """Append the aggregated tokenize records now (hosts call it where a process may
+        end without warning, e.g. after each Lambda invocation)."""
+        self.gate.flush()
 
     # -- audit verification -----------------------------------------------------------------
 
-    def verify_audit(self) -> dict[str, Any]:
-        """Walk the chain; raise DeidError at the first record that does not verify."""
-        prev, n = GENESIS, 0
-        for rec in self.store.audit_records():
-            n += 1
-            body = {k: v for k, v in rec.items() if k not in ("prev", "hash")}
-            if rec["seq"] != n:
-                raise DeidError(f"deid audit: record {n} is missing (found seq {rec['seq']}): "
-                                "records were deleted")
-            if rec["prev"] != prev:
-                raise DeidError(f"deid audit: record {n} does not follow record {n - 1}")
-            if self.keyring.chain(prev, body) != rec["hash"]:
-                raise DeidError(f"deid audit: record {n} was altered (its hash does not verify)")
-            prev = rec["hash"]
-        return {"records": n, "head": prev}
+    def verify_audit(self, head: Path | None = None) -> dict[str, Any]:
+        """Walk the chain; raise AuditChainError at the first record that does not verify,
+        and, given a head file, when the log was truncated or re-chained since a checkpoint."""
+        self.gate.flush()
+        return _audit.verify(self.store.audit_records(), self._seal, head)
+
+    def checkpoint_audit(self, head: Path) -> dict[str, Any]:
+        """Verify the log against `head` (if it exists yet), then append its current head."""
+        result = self.verify_audit(head if head.exists() else None)
+        return _audit.append_head(head, result["records"], result["head"])

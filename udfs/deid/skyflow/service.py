@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import kinds as _kinds
 from .._cache import BoundedCache
+from .._policy import Gate
 from ..errors import (
     ConfigError,
-    InvalidValueError,
     PermissionDeniedError,
     UnknownTokenError,
     VaultUnavailableError,
 )
+from ..service import TokenizeBatch
 from ..stores import VaultStore
 from ..vault import open_store
 from .auth import Credentials, load_credentials
@@ -65,6 +66,9 @@ class SkyflowTokenService:
         if self._policy is None and settings.policy not in (None, "skyflow"):
             self._policy = open_store(settings.policy)
         self._keyring = self._policy.keyring() if self._policy is not None else None
+        # policy=skyflow (no store): both policies and the audit are Skyflow's roles and log.
+        self.gate = Gate(self._policy, self._keyring.chain if self._keyring else None,
+                         extra={"vault": settings.label})
         self._cache = BoundedCache(settings.cache_size)
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency,
                                         thread_name_prefix="deid-skyflow")
@@ -100,50 +104,40 @@ class SkyflowTokenService:
     # -- tokenize ----------------------------------------------------------------------------
 
     def tokenize(self, kind: str, values: Sequence[str | None], *,
-                 column: str | None = None) -> list[str | None]:
-        spec = _kinds.parse_kind(kind)
-        target = self._target(spec)
-        values = values if isinstance(values, list) else list(values)
-        # One cache namespace per domain and kind: a value has one token per domain.
-        namespace = (spec.domain, spec.name)
-        out = self._cache.lookup(namespace, values)
-        pending: dict[str, list[int]] = {}
-        for i, (v, t) in enumerate(zip(values, out, strict=True)):
-            if t is None and v is not None:
-                if not isinstance(v, str):
-                    raise InvalidValueError(spec.name, "is not text", row=i + 1, column=column)
-                pending.setdefault(v, []).append(i)
-        if not pending:
-            return out
-        by_canonical: dict[str, list[str]] = {}
-        for raw, rows in pending.items():
-            try:
-                canonical, _match = _kinds.normalize(spec.kind, raw)
-            except _kinds._Invalid as exc:
-                raise InvalidValueError(spec.name, str(exc), row=rows[0] + 1,
-                                        column=column) from None
-            by_canonical.setdefault(canonical, []).append(raw)
-
+                 column: str | None = None, principal: str | None = None,
+                 query_id: str | None = None, host: str | None = None) -> list[str | None]:
+        batch = TokenizeBatch(kind, values, column=column, cache=self._cache, gate=self.gate,
+                              principal=principal, query_id=query_id, host=host)
+        target = self._target(batch.spec)
+        if batch.done():
+            return batch.out
+        by_canonical = batch.groups(by="canonical")
         canonicals = list(by_canonical)
+        spec = batch.spec
         what = f"deid.tokenize: kind {_spec_key(spec)!r}" + (f", column {column!r}"
                                                              if column else "")
+        if batch.mode == "lookup" and self.settings.mode != "lookup":
+            # Skyflow's upsert cannot say which values were new: a look-up-only principal
+            # needs mode=lookup (the vault's own lookup endpoint), where unseen values fail.
+            raise PermissionDeniedError(
+                f"{what}: principal {principal!r} may only look up existing tokens; this "
+                "Skyflow vault URL upserts (mode=upsert), so it is refused (use mode=lookup)")
+        ctx = None if principal is None else self._ctx(principal, query_id)
         if self.settings.mode == "lookup":
             def call(chunk: list[str]) -> list[str]:
-                return self._lookup(target, chunk, what)
+                return self._lookup(target, chunk, what, ctx)
         else:
             def call(chunk: list[str]) -> list[str]:
-                return self._upsert(target, chunk, what)
+                return self._upsert(target, chunk, what, ctx)
         tokens = self._map_chunks(call, canonicals, self.settings.batch_size)
         if len(tokens) != len(canonicals):  # pragma: no cover - guarded per chunk
             raise _malformed(what, "token count differs from value count")
-        learned = []
-        for canonical, token in zip(canonicals, tokens, strict=True):
-            for raw in by_canonical[canonical]:
-                learned.append((raw, token))
-                for i in pending[raw]:
-                    out[i] = token
-        self._cache.store(namespace, learned)
-        return out
+        # Skyflow does not say which upserts were new: every value counts as existing.
+        return batch.finish(self._cache, by_canonical, dict(zip(canonicals, tokens,
+                                                                strict=True)), new_raws=0)
+
+    def flush_audit(self) -> None:
+        self.gate.flush()
 
     @staticmethod
     def _check_token(token: Any, value: str, what: str, index: int, target: Target) -> str:
@@ -157,11 +151,12 @@ class SkyflowTokenService:
                 f"{index + 1}: enable tokenization on {target.table}.{target.column} (fail closed)")
         return token
 
-    def _upsert(self, target: Target, chunk: list[str], what: str) -> list[str]:
+    def _upsert(self, target: Target, chunk: list[str], what: str,
+                ctx: dict[str, str] | None = None) -> list[str]:
         body = {"records": [{"fields": {target.column: v}} for v in chunk],
                 "tokenization": True, "upsert": target.column}
         doc = self.client.post(f"/{target.table}", body, what=what,
-                               scope=self._scope(self.settings.tokenize_role))
+                               scope=self._scope(self.settings.tokenize_role), ctx=ctx)
         records = _records(doc, len(chunk), what)
         out = []
         for i, (rec, value) in enumerate(zip(records, chunk, strict=True)):
@@ -175,11 +170,12 @@ class SkyflowTokenService:
             out.append(self._check_token(tokens.get(target.column), value, what, i, target))
         return out
 
-    def _lookup(self, target: Target, chunk: list[str], what: str) -> list[str]:
+    def _lookup(self, target: Target, chunk: list[str], what: str,
+                ctx: dict[str, str] | None = None) -> list[str]:
         body = {"tokenizationParameters": [{"value": v, "columnGroup": target.column_group}
                                            for v in chunk]}
         doc = self.client.post("/tokenize", body, what=what,
-                               scope=self._scope(self.settings.tokenize_role))
+                               scope=self._scope(self.settings.tokenize_role), ctx=ctx)
         records = _records(doc, len(chunk), what)
         out = []
         for i, (rec, value) in enumerate(zip(records, chunk, strict=True)):
@@ -270,29 +266,12 @@ class SkyflowTokenService:
                 "policy=<deid vault URL> (e.g. sqlite:///.deid/skyflow-policy.db) for deid's "
                 "detokenize policy and audit log, or policy=skyflow to leave both to "
                 "Skyflow's roles and audit")
-        if self._policy is None:  # policy=skyflow: delegated, see docs/skyflow.md
-            return
-        allowed = self._policy.is_allowed(principal)
-        outcome = "rejected" if allowed and rejected else ("allowed" if allowed else "denied")
-        record = {
-            "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"),
-            "action": "detokenize",
-            "principal": principal,
-            "outcome": outcome,
-            "count": count,
-            "kinds": {},  # Skyflow tokens do not carry their kind
-            "query_id": query_id,
-            "host": host,
-            "vault": self.settings.label,
-        }
-        assert self._keyring is not None
-        self._policy.append_audit(record, self._keyring.chain)
-        if not allowed:
-            raise PermissionDeniedError(
-                f"deid.detokenize: permission denied: principal {principal!r} is not in the "
-                "detokenize policy (grant it in the policy= vault: deid grant <principal>)")
+        # Skyflow tokens do not carry their kind: no kinds in the record.
+        self.gate.detokenize(principal, count=count, kinds=Counter(), query_id=query_id,
+                             host=host, rejected=rejected)
 
     def close(self) -> None:
+        self.gate.flush()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
         if self._policy is not None:

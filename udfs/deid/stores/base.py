@@ -1,10 +1,11 @@
 """The interface every deid vault backend implements (SQLite, PostgreSQL, DynamoDB).
 
-A store keeps four things: the token index (domain + keyed fingerprint → token, unique on
+A store keeps five things: the token index (domain + keyed fingerprint → token, unique on
 both), the encrypted values (token → key version + AES-GCM blob), the detokenize policy
-(principals) and the hash-chained audit log. It never sees a clear value or a key: the token
-service encrypts and fingerprints before calling it. Every method takes and returns whole
-batches, because each call may be a network round trip.
+(principals), the tokenize policy (principal, domain, mode) and the hash-chained audit log.
+It never sees a clear value or a key: the token service encrypts and fingerprints before
+calling it. Every method takes and returns whole batches, because each call may be a network
+round trip.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._audit import GENESIS
 from ..errors import ConfigError, StaleKeyVersionError
 from ..keys import Keyring
 
@@ -54,7 +56,7 @@ def check_key_versions(current: int | None, records: Sequence[NewRecord]) -> int
 # seal(prev_hash, record) -> hash of this record; provided by the token service (keyed).
 Sealer = Callable[[str, dict[str, Any]], str]
 
-GENESIS = "0" * 64
+__all__ = ["GENESIS", "NewRecord", "Sealer", "StoredValue", "VaultStore"]
 
 
 class VaultStore(ABC):
@@ -149,7 +151,26 @@ class VaultStore(ABC):
         """The policy: [{principal, granted_at, granted_by}]."""
 
     @abstractmethod
-    def is_allowed(self, principal: str) -> bool: ...
+    def is_allowed(self, principal: str) -> bool:
+        """Whether `principal` may detokenize."""
+
+    @abstractmethod
+    def grant_tokenize(self, principal: str, domain: str, mode: str, granted_by: str) -> bool:
+        """Allow `principal` to tokenize in `domain` (``*``: every domain) with `mode`
+        (``tokenize``: mint and look up; ``lookup``: existing tokens only); False if that
+        grant already stood. A new mode replaces the old one for that domain."""
+
+    @abstractmethod
+    def revoke_tokenize(self, principal: str, domain: str) -> bool:
+        """Remove `principal`'s tokenize grant for `domain`; False if there was none."""
+
+    @abstractmethod
+    def tokenize_grants(self) -> list[dict[str, str]]:
+        """The tokenize policy: [{principal, domain, mode, granted_at, granted_by}]."""
+
+    @abstractmethod
+    def tokenize_mode(self, principal: str, domain: str) -> str | None:
+        """The strongest mode granted to `principal` for `domain` or for every domain."""
 
     # -- audit ------------------------------------------------------------------------
 

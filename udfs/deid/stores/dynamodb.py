@@ -13,6 +13,7 @@ One table, partition key ``pk`` (string), no sort key:
 ``meta#audit_key``                    → ``wrapped``: the audit-chain key, KMS-encrypted
 ``meta#key_counter``                  → ``n``: the last key version handed out
 ``principal#<name>``                  → the detokenize policy
+``tokenize#<domain>#<name>``          → ``mode``: the tokenize policy (domain ``*``: all)
 ``audit#head``, ``audit#<seq>``       → the hash-chained audit log
 ====================================  ==========================================================
 
@@ -41,7 +42,6 @@ container churn; detokenize unwraps each version it meets once per container.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import random
 import threading
@@ -53,7 +53,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .. import _audit
 from .. import keys as _keys
+from .._policy import strongest
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
 from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
 
@@ -142,7 +144,8 @@ class DynamoDBStore(VaultStore):
         return list(self._pool.map(fn, chunks))
 
     def _batch_get(self, keys: Sequence[str], projection: str | None,
-                   consistent: bool = False) -> list[dict[str, Any]]:
+                   consistent: bool = False,
+                   names: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """BatchGetItem in chunks of 100, in parallel, retrying UnprocessedKeys.
         `projection` None reads whole items."""
         chunks = [list(keys[i : i + _GET_CHUNK]) for i in range(0, len(keys), _GET_CHUNK)]
@@ -152,7 +155,7 @@ class DynamoDBStore(VaultStore):
                                     "ConsistentRead": consistent}
             if projection is not None:
                 spec["ProjectionExpression"] = projection
-                spec["ExpressionAttributeNames"] = {"#pk": "pk"}
+                spec["ExpressionAttributeNames"] = {"#pk": "pk", **(names or {})}
             request: dict[str, Any] = {self.table: spec}
             items: list[dict[str, Any]] = []
             for attempt in range(_MAX_ATTEMPTS + 1):
@@ -380,8 +383,9 @@ class DynamoDBStore(VaultStore):
             "TableName": self.table, "ProjectionExpression": projection,
             "FilterExpression": "begins_with(#pk, :p)",
             # domain is a DynamoDB reserved word
-            "ExpressionAttributeNames": {"#pk": "pk", **({"#d": "domain"} if "#d" in projection
-                                                         else {})},
+            "ExpressionAttributeNames": {"#pk": "pk",
+                                         **({"#d": "domain"} if "#d" in projection else {}),
+                                         **({"#m": "mode"} if "#m" in projection else {})},
             "ExpressionAttributeValues": {":p": {"S": prefix}},
         }
         while True:
@@ -444,6 +448,47 @@ class DynamoDBStore(VaultStore):
     def is_allowed(self, principal: str) -> bool:
         return self._get(f"principal#{principal}") is not None
 
+    # Domains match [a-z][a-z0-9_]* or are "*": the first "#" after the prefix ends them.
+    def grant_tokenize(self, principal: str, domain: str, mode: str, granted_by: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:  # unchanged grants keep who first granted them and when
+            self.ddb.put_item(
+                TableName=self.table, Item={
+                    "pk": {"S": f"tokenize#{domain}#{principal}"}, "mode": {"S": mode},
+                    "granted_at": {"S": _now()}, "granted_by": {"S": granted_by}},
+                ConditionExpression="attribute_not_exists(pk) OR #m <> :m",
+                ExpressionAttributeNames={"#m": "mode"},
+                ExpressionAttributeValues={":m": {"S": mode}})
+            return True
+        except ClientError as exc:
+            if _code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise VaultUnavailableError(
+                f"deid vault: DynamoDB PutItem on table {self.table!r} failed ({_code(exc)})"
+            ) from None
+
+    def revoke_tokenize(self, principal: str, domain: str) -> bool:
+        out = self._call("delete_item", TableName=self.table,
+                         Key={"pk": {"S": f"tokenize#{domain}#{principal}"}},
+                         ReturnValues="ALL_OLD")
+        return bool(out.get("Attributes"))
+
+    def tokenize_grants(self) -> list[dict[str, str]]:
+        rows = []
+        for items in self._scan("tokenize#", "#pk, #m, granted_at, granted_by"):
+            for i in items:
+                domain, _, principal = i["pk"]["S"].removeprefix("tokenize#").partition("#")
+                rows.append({"principal": principal, "domain": domain, "mode": i["mode"]["S"],
+                             "granted_at": i["granted_at"]["S"],
+                             "granted_by": i["granted_by"]["S"]})
+        return sorted(rows, key=lambda r: (r["principal"], r["domain"]))
+
+    def tokenize_mode(self, principal: str, domain: str) -> str | None:
+        items = self._batch_get([f"tokenize#{domain}#{principal}", f"tokenize#*#{principal}"],
+                                "#pk, #m", consistent=True, names={"#m": "mode"})
+        return strongest([i["mode"]["S"] for i in items])
+
     # -- audit ------------------------------------------------------------------------------
 
     def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
@@ -464,7 +509,7 @@ class DynamoDBStore(VaultStore):
                 {"Put": {"TableName": self.table,
                          "ConditionExpression": "attribute_not_exists(pk)",
                          "Item": {"pk": {"S": f"audit#{seq + 1:012d}"},
-                                  "record": {"S": json.dumps(stored, sort_keys=True)},
+                                  "record": {"S": _audit.encode(stored)},
                                   "prev": {"S": prev}, "hash": {"S": digest}}}},
                 head_write,
             ])
@@ -481,7 +526,8 @@ class DynamoDBStore(VaultStore):
             keys = [f"audit#{s:012d}" for s in range(start, min(start + 1000, last + 1))]
             for item in sorted(self._batch_get(keys, None, consistent=True),
                                key=lambda i: i["pk"]["S"]):
-                yield {**json.loads(item["record"]["S"]), "seq": int(item["pk"]["S"][6:]),
+                seq = int(item["pk"]["S"][6:])
+                yield {**_audit.decode(item["record"]["S"], f"record {seq}"), "seq": seq,
                        "prev": item["prev"]["S"], "hash": item["hash"]["S"]}
 
     # -- stats ------------------------------------------------------------------------------
@@ -500,6 +546,7 @@ class DynamoDBStore(VaultStore):
             "tokens": dict(sorted(tokens.items())),
             "key_versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0]))),
             "principals": len(self.principals()),
+            "tokenize_grants": len(self.tokenize_grants()),
             "audit_records": int(head["seq"]["N"]) if head else 0,
         }
 

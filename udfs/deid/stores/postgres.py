@@ -27,7 +27,6 @@ libpq's PG* variables fill in what the URL leaves out. ``schema`` names the vaul
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
 import threading
@@ -37,7 +36,9 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from .. import _audit
 from .. import keys as _keys
+from .._policy import strongest
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
 from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore, check_key_versions
 
@@ -86,10 +87,23 @@ _SQL: dict[str, tuple[str, tuple[str, ...]]] = {
                    "order by principal", ()),
     "is_allowed": ("select exists (select 1 from {s}.principals where principal = $1)",
                    ("text",)),
-    # Serializes appends to the hash chain; held until the transaction ends.
-    "audit_lock": ("select pg_advisory_xact_lock(hashtext($1)) is null", ("text",)),
-    # Serializes sessions that mint tokens; held until the transaction ends (see SpiStore).
-    "mint_lock": ("select pg_advisory_xact_lock(hashtext($1)) is null", ("text",)),
+    "tgrant": ("insert into {s}.tokenize_grants (principal, domain, mode, granted_at, "
+               "granted_by) values ($1, $2, $3, $4, $5) on conflict (principal, domain) do "
+               "update set mode = excluded.mode, granted_at = excluded.granted_at, "
+               "granted_by = excluded.granted_by where tokenize_grants.mode <> excluded.mode",
+               ("text", "text", "text", "text", "text")),
+    "trevoke": ("delete from {s}.tokenize_grants where principal = $1 and domain = $2",
+                ("text", "text")),
+    "tgrants": ("select principal, domain, mode, granted_at, granted_by from "
+                "{s}.tokenize_grants order by principal, domain", ()),
+    "tmode": ("select mode from {s}.tokenize_grants where principal = $1 "
+              "and domain in ($2, '*')", ("text", "text")),
+    # Row locks in the vault schema, held until the transaction ends. Only the vault role can
+    # reach them: an advisory lock on a well-known key could be held by any login and stall
+    # the vault. audit serializes appends to the hash chain; mint, sessions that mint tokens
+    # (see SpiStore).
+    "audit_lock": ("select 1 from {s}.locks where name = 'audit' for update", ()),
+    "mint_lock": ("select 1 from {s}.locks where name = 'mint' for update", ()),
     "audit_head": ("select seq, hash from {s}.audit order by seq desc limit 1", ()),
     "audit_put": ("insert into {s}.audit (seq, record, prev, hash) values ($1, $2, $3, $4)",
                   ("bigint", "text", "text", "text")),
@@ -128,12 +142,22 @@ create table if not exists {s}.principals (
     granted_at text not null,
     granted_by text not null
 );
+create table if not exists {s}.tokenize_grants (
+    principal text not null,
+    domain text not null,
+    mode text not null check (mode in ('tokenize', 'lookup')),
+    granted_at text not null,
+    granted_by text not null,
+    primary key (principal, domain)
+);
 create table if not exists {s}.audit (
     seq bigint primary key,
     record text not null,
     prev text not null,
     hash text not null
 );
+create table if not exists {s}.locks (name text primary key);
+insert into {s}.locks (name) values ('audit'), ('mint') on conflict do nothing;
 """
 
 
@@ -260,7 +284,7 @@ class _PgStore(VaultStore):
             # No keyring row: keys come from DEID_KEYS and are rotated where that secret lives.
             check_key_versions(current[0][0] if current else None, ordered)
             if self._serialize_minting:
-                run("mint_lock", (f"deid mint {self.schema}",))
+                self._lock_row(run, "mint_lock")
             inserted = self._count(run, "insert", args)
             if inserted == len(ordered):
                 return {r.fingerprint: r.token for r in ordered}
@@ -308,16 +332,38 @@ class _PgStore(VaultStore):
     def is_allowed(self, principal: str) -> bool:
         return bool(self._rows("is_allowed", (principal,))[0][0])
 
+    def grant_tokenize(self, principal: str, domain: str, mode: str, granted_by: str) -> bool:
+        with self._atomic() as run:
+            return self._count(run, "tgrant", (principal, domain, mode, _now(),
+                                               granted_by)) == 1
+
+    def revoke_tokenize(self, principal: str, domain: str) -> bool:
+        with self._atomic() as run:
+            return self._count(run, "trevoke", (principal, domain)) == 1
+
+    def tokenize_grants(self) -> list[dict[str, str]]:
+        cols = ("principal", "domain", "mode", "granted_at", "granted_by")
+        return [dict(zip(cols, row, strict=True)) for row in self._rows("tgrants")]
+
+    def tokenize_mode(self, principal: str, domain: str) -> str | None:
+        return strongest([m for (m,) in self._rows("tmode", (principal, domain))])
+
+    def _lock_row(self, run: Run, name: str) -> None:
+        if not run(name, ()):
+            raise VaultUnavailableError(
+                f"deid vault: the lock rows of schema {self.schema} are missing; re-run "
+                "`dbt run-operation postgres_install_udfs` (or deid init) to add them")
+
     # -- audit ----------------------------------------------------------------------------
 
     def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
         with self._atomic() as run:
-            run("audit_lock", (f"deid audit {self.schema}",))
+            self._lock_row(run, "audit_lock")
             head = run("audit_head", ())
             seq, prev = (int(head[0][0]) + 1, head[0][1]) if head else (1, GENESIS)
             record = {**record, "seq": seq}
             digest = seal(prev, record)
-            run("audit_put", (seq, json.dumps(record, sort_keys=True), prev, digest))
+            run("audit_put", (seq, _audit.encode(record), prev, digest))
         return {**record, "prev": prev, "hash": digest}
 
     def audit_records(self) -> Iterator[dict[str, Any]]:
@@ -327,7 +373,8 @@ class _PgStore(VaultStore):
             if not rows:
                 return
             for seq, record, prev, digest in rows:
-                yield {**json.loads(record), "seq": int(seq), "prev": prev, "hash": digest}
+                yield {**_audit.decode(record, f"record {seq}"), "seq": int(seq), "prev": prev,
+                       "hash": digest}
             last = int(rows[-1][0])
 
     # -- stats ----------------------------------------------------------------------------
@@ -338,6 +385,7 @@ class _PgStore(VaultStore):
             "tokens": {f"{d} ({k})": int(n) for d, k, n in self._rows("stats_tokens")},
             "key_versions": {str(v): int(n) for v, n in self._rows("stats_versions")},
             "principals": len(self.principals()),
+            "tokenize_grants": len(self.tokenize_grants()),
             "audit_records": int(self._rows("audit_count")[0][0]),
         }
 
@@ -356,9 +404,10 @@ class SpiStore(_PgStore):
     Minting is serialized: a new token's row stays uncommitted until the caller's statement
     (a whole dbt model) commits, and another session that meets that row waits for it. Two
     models minting overlapping values in different orders would wait on each other and one
-    would die of a deadlock. So the first mint of a transaction takes one advisory lock held
-    to its end: sessions that mint run one after another, never in a cycle; sessions whose
-    values are all in the vault already take no lock and run in parallel.
+    would die of a deadlock. So the first mint of a transaction locks one row of the vault's
+    ``locks`` table until its end: sessions that mint run one after another, never in a
+    cycle; sessions whose values are all in the vault already take no lock and run in
+    parallel.
     """
 
     _serialize_minting = True

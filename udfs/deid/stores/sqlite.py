@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -18,7 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from .. import _audit
 from .. import keys as _keys
+from .._policy import strongest
 from .._url import sqlite_path
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
 from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore, check_key_versions
@@ -42,6 +43,14 @@ create table if not exists principals (
     principal text primary key,
     granted_at text not null,
     granted_by text not null
+);
+create table if not exists tokenize_grants (
+    principal text not null,
+    domain text not null,
+    mode text not null check (mode in ('tokenize', 'lookup')),
+    granted_at text not null,
+    granted_by text not null,
+    primary key (principal, domain)
 );
 create table if not exists audit (
     seq integer primary key,
@@ -288,6 +297,31 @@ class SQLiteStore(VaultStore):
     def is_allowed(self, principal: str) -> bool:
         return bool(self._read("select 1 from principals where principal = ?", (principal,)))
 
+    def grant_tokenize(self, principal: str, domain: str, mode: str, granted_by: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "insert into tokenize_grants values (?, ?, ?, ?, ?) on conflict "
+                "(principal, domain) do update set mode = excluded.mode, granted_at = "
+                "excluded.granted_at, granted_by = excluded.granted_by "
+                "where tokenize_grants.mode <> excluded.mode",
+                (principal, domain, mode, _now(), granted_by))
+            return cur.rowcount == 1
+
+    def revoke_tokenize(self, principal: str, domain: str) -> bool:
+        with self._tx() as db:
+            return db.execute("delete from tokenize_grants where principal = ? and domain = ?",
+                              (principal, domain)).rowcount == 1
+
+    def tokenize_grants(self) -> list[dict[str, str]]:
+        cols = ("principal", "domain", "mode", "granted_at", "granted_by")
+        return [dict(zip(cols, row, strict=True)) for row in self._read(
+            f"select {', '.join(cols)} from tokenize_grants order by principal, domain")]
+
+    def tokenize_mode(self, principal: str, domain: str) -> str | None:
+        return strongest([m for (m,) in self._read(
+            "select mode from tokenize_grants where principal = ? and domain in (?, '*')",
+            (principal, domain))])
+
     # -- audit ------------------------------------------------------------------------------
 
     def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
@@ -297,7 +331,7 @@ class SQLiteStore(VaultStore):
             record = {**record, "seq": seq}
             digest = seal(prev, record)
             db.execute("insert into audit values (?, ?, ?, ?)",
-                       (seq, json.dumps(record, sort_keys=True), prev, digest))
+                       (seq, _audit.encode(record), prev, digest))
         return {**record, "prev": prev, "hash": digest}
 
     def audit_records(self) -> Iterator[dict[str, Any]]:
@@ -308,7 +342,8 @@ class SQLiteStore(VaultStore):
             if not rows:
                 return
             for seq, record, prev, digest in rows:
-                yield {**json.loads(record), "seq": seq, "prev": prev, "hash": digest}
+                yield {**_audit.decode(record, f"record {seq}"), "seq": seq, "prev": prev,
+                       "hash": digest}
             last = rows[-1][0]
 
     # -- stats ------------------------------------------------------------------------------
@@ -321,6 +356,7 @@ class SQLiteStore(VaultStore):
             "key_versions": {str(v): n for v, n in self._read(
                 "select key_version, count(*) from tokens group by 1 order by 1")},
             "principals": len(self.principals()),
+            "tokenize_grants": len(self.tokenize_grants()),
             "audit_records": self._read("select count(*) from audit")[0][0],
         }
 
