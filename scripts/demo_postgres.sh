@@ -62,6 +62,7 @@ as transformer -c "select p.oid::regprocedure as function, pg_get_userbyid(p.pro
                          array_to_string(p.proacl, ', ') as grants
                   from pg_proc p where p.pronamespace = 'deid'::regnamespace order by 1"
 export DEID_VAULT="postgresql://$ADMIN_USER:$ADMIN_PASSWORD@$PGHOST:$PGPORT/$PGDATABASE?schema=deid_vault"
+deid grant --tokenize transformer   # the vault's tokenize policy: deny by default
 deid grant pii_reader
 deid grant ex_reader
 deid revoke ex_reader   # still holds EXECUTE on deid.detokenize: the vault refuses it anyway

@@ -27,6 +27,15 @@ class DbtProject:
             raise AssertionError(f"dbt {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def deid(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The `deid` admin CLI on this project's vault (DEID_VAULT in its environment)."""
+        deid = Path(sys.executable).with_name("deid")
+        proc = subprocess.run([str(deid), *args], cwd=self.path, env=self.env, text=True,
+                              capture_output=True, timeout=120)
+        if proc.returncode != 0:
+            raise AssertionError(f"deid {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
 
 def copy_project(dest: Path, profiles: str | None = None, **env: str) -> DbtProject:
     """Copy the project to `dest` with its own profiles.yml, warehouse and vault."""

@@ -50,6 +50,7 @@ def query(project: DbtProject, sql: str) -> list[tuple[object, ...]]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbtProject]:
     project = copy_project(tmp_path_factory.mktemp("duckdb_e2e"))
+    project.deid("init", "--transformer", "dbt_transformer")  # as the README's setup says
     project.dbt("seed")
     project.dbt("build", "--exclude", "resource_type:seed")
     yield project

@@ -76,6 +76,11 @@ def test_consumer_project_tokenizes_through_the_local_package(tmp_path: Path) ->
     env = {**os.environ, "DBT_PROFILES_DIR": str(consumer),
            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
     env.pop("DEID_VAULT", None)
+    # What the consumer's vault admin does once: the builder may mint tokens.
+    init = subprocess.run([str(Path(sys.executable).with_name("deid")), "init", "--transformer",
+                           "builder", "--vault", f"sqlite:///{consumer}/vault/vault.db"],
+                          env=env, text=True, capture_output=True, timeout=120)
+    assert init.returncode == 0, init.stdout + init.stderr
     dbt = str(Path(sys.executable).with_name("dbt"))
     for args in (["deps"], ["run"]):
         proc = subprocess.run([dbt, *args], cwd=consumer, env=env, text=True,

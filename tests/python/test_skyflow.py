@@ -532,6 +532,8 @@ def test_policy_store_gates_and_audits_detokenize(make, tmp_path, fake):
 def test_detokenize_without_a_policy_setting_refuses(make, fake):
     svc = make(policy="")
     tokens = svc.tokenize("email", EMAILS[:1])
+    with pytest.raises(ConfigError, match="policy="):  # a host's caller: no policy, no tokens
+        svc.tokenize("email", EMAILS[1:2], principal="dbt_transformer")
     with pytest.raises(ConfigError, match="policy="):
         svc.detokenize(tokens, principal="p")
     assert fake.requests("detokenize") == []

@@ -106,6 +106,11 @@ class SkyflowTokenService:
     def tokenize(self, kind: str, values: Sequence[str | None], *,
                  column: str | None = None, principal: str | None = None,
                  query_id: str | None = None, host: str | None = None) -> list[str | None]:
+        if principal is not None and self.settings.policy is None:
+            raise ConfigError(
+                "deid.tokenize: the Skyflow vault URL has no policy= parameter: set "
+                "policy=<deid vault URL> for deid's tokenize and detokenize policies and "
+                "audit log, or policy=skyflow to leave them to Skyflow's roles and audit")
         batch = TokenizeBatch(kind, values, column=column, cache=self._cache, gate=self.gate,
                               principal=principal, query_id=query_id, host=host)
         target = self._target(batch.spec)
