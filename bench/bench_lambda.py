@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "udfs"))
 
 from deid.lambda_handler import (  # noqa: E402
     LAMBDA_PAYLOAD_LIMIT,
+    HandlerConfig,
     RedshiftUDF,
     _wire_size,
 )
@@ -84,8 +85,10 @@ def main() -> None:
             results["runtime: parse the request JSON"].append((wall, cpu))
             event = json.loads(request)
             store = SQLiteStore(Path(tmp) / "vault.db")
+            store.grant_tokenize("dbt_transformer", "*", "tokenize", "bench")
+            serves = HandlerConfig(databases=frozenset({"dev"}))
 
-            udf = RedshiftUDF(VaultTokenService(store))
+            udf = RedshiftUDF(VaultTokenService(store), serves)
             wall, cpu, out = timed(lambda: udf.tokenize(event))  # noqa: B023
             doc = json.loads(out)
             if not doc.get("success"):
@@ -94,7 +97,7 @@ def main() -> None:
             results["cold vault (mint all)"].append((wall, cpu))
             response_size = _wire_size(out)
 
-            cold = RedshiftUDF(VaultTokenService(store))
+            cold = RedshiftUDF(VaultTokenService(store), serves)
             wall, cpu, again = timed(lambda: cold.tokenize(event))  # noqa: B023
             assert json.loads(again)["results"] == doc["results"]
             results["warm vault, cold container"].append((wall, cpu))
