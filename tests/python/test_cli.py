@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from conftest import open_service_at
 from deid.cli import main
+from deid.service import VaultTokenService
 
 
 @pytest.fixture
@@ -112,8 +113,12 @@ def test_grants_record_who_granted_and_to_whom(cli, vault_path: Path) -> None:  
 
 def test_audit_checkpoint_then_verify_head_detects_truncation(cli, vault_path: Path,  # type: ignore[no-untyped-def]
                                                               tmp_path: Path) -> None:
+    from deid.stores.sqlite import SQLiteStore
+
+    # A log sealed with the key file's audit key, as PostgreSQL and DynamoDB seal theirs.
+    legacy = VaultTokenService(SQLiteStore(vault_path, forward_audit=False))
+    legacy.audit("grant", "admin", "added", subject="a")
     head = tmp_path / "head.jsonl"
-    cli("grant", "a")
     cli("grant", "b")
     assert "record 2" in cli("audit", "checkpoint", "--head", str(head)).output
     assert "consistent with 1 checkpoint" in cli("audit", "verify", "--head", str(head)).output
@@ -124,6 +129,21 @@ def test_audit_checkpoint_then_verify_head_detects_truncation(cli, vault_path: P
     assert "without --head" in cli("audit", "verify").output
     result = cli("audit", "verify", "--head", str(head), ok=False)
     assert result.exit_code != 0 and "truncated" in str(result.exception)
+
+
+def test_the_embedded_log_needs_the_auditors_key_not_a_head(cli, vault_path: Path,  # type: ignore[no-untyped-def]
+                                                            tmp_path: Path) -> None:
+    cli("grant", "a")
+    cli("grant", "b")
+    key = tmp_path / "auditor.key"
+    (vault_path.parent / "vault.db.audit-key").rename(key)
+    assert "2 records" in cli("audit", "verify", "--audit-key", str(key)).output
+    db = sqlite3.connect(vault_path)
+    db.execute("delete from audit where seq = 2")
+    db.commit()
+    db.close()
+    result = cli("audit", "verify", "--audit-key", str(key), ok=False)
+    assert "newest records were removed" in str(result.exception)
 
 
 def test_audit_show_flags_lookups_that_mostly_miss(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]

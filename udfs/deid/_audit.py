@@ -15,9 +15,13 @@ missing (truncation) or has another hash (re-chained).
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
+import hashlib
+import hmac
 import json
 import os
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -70,10 +74,86 @@ def decode(text: str, where: str) -> dict[str, Any]:
 Chain = Callable[[str, dict[str, Any]], str]
 
 
+# -- forward-secure sealing (the embedded vault) ---------------------------------------------
+#
+# Record n is sealed with K_n, and K_{n+1} = HMAC(K_n, label): the one-way step means whoever
+# holds the vault's current signing state K_{n+1} (every process that appends) cannot compute
+# K_1..K_n, so it cannot re-seal, re-chain or drop earlier records; and since the state moved
+# past them, cutting the newest records off shows too. Only the auditor holds K_1 (a file of
+# its own, not the key file a reader needs to detokenize).
+
+_EVOLVE = b"deid audit key evolve v1"
+
+
+def evolve(key: bytes) -> bytes:
+    return hmac.digest(key, _EVOLVE, "sha256")
+
+
+def seal_with(key: bytes, prev: str, record: dict[str, Any]) -> str:
+    return hmac.new(key, prev.encode() + b"\n" + encode(record).encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def key_at(first: bytes, seq: int) -> bytes:
+    key = first
+    for _ in range(seq - 1):
+        key = evolve(key)
+    return key
+
+
+class ForwardChain:
+    """Verifies forward-secure records from K_1, evolving the key once per record."""
+
+    def __init__(self, first_key: bytes) -> None:
+        self._first = first_key
+        self._seq, self._key = 1, first_key
+
+    def key(self, seq: int) -> bytes:
+        if seq < self._seq:
+            self._seq, self._key = 1, self._first
+        while self._seq < seq:
+            self._seq, self._key = self._seq + 1, evolve(self._key)
+        return self._key
+
+    def __call__(self, prev: str, record: dict[str, Any]) -> str:
+        return seal_with(self.key(int(record["seq"])), prev, record)
+
+
+def create_audit_key_file(path: Path) -> bytes:
+    """K_1 for a new log: written 0600 once (an existing file is the log's key: reused)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return read_audit_key_file(path)
+    key = secrets.token_bytes(32)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps({"format": 1, "first_audit_key": base64.b64encode(key).decode()})
+                 + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return key
+
+
+def read_audit_key_file(path: Path) -> bytes:
+    try:
+        doc = json.loads(path.read_text())
+        key = base64.b64decode(doc["first_audit_key"], validate=True)
+    except FileNotFoundError:
+        raise AuditChainError(f"deid audit: the audit key file {path} is missing; pass the "
+                              "auditor's copy with --audit-key") from None
+    except (ValueError, KeyError, TypeError):
+        raise AuditChainError(f"deid audit: {path} is not a deid audit key file") from None
+    if len(key) != 32:
+        raise AuditChainError(f"deid audit: {path} holds a key of the wrong size")
+    return key
+
+
 def verify(records: Iterable[dict[str, Any]], chain: Chain,
-           head: Path | None = None) -> dict[str, Any]:
+           head: Path | None = None,
+           finish: Callable[[int, str], None] | None = None) -> dict[str, Any]:
     """Walk the chain; raise AuditChainError at the first record that does not verify, and
-    (with `head`) when a checkpointed record is missing or differs."""
+    (with `head`) when a checkpointed record is missing or differs. `finish(n, head_hash)`
+    runs after the walk (a store's own end-of-log check)."""
     checkpoints = read_head(head) if head is not None else []
     expected = {c["seq"]: c["hash"] for c in checkpoints}
     prev, n = GENESIS, 0
@@ -97,6 +177,8 @@ def verify(records: Iterable[dict[str, Any]], chain: Chain,
         raise AuditChainError(
             f"deid audit: the log ends at record {n} but the head checkpoint in {head} saw "
             f"record {checkpoints[-1]['seq']}: the log was truncated")
+    if finish is not None:
+        finish(n, prev)
     return {"records": n, "head": prev, "checkpoints": len(checkpoints)}
 
 

@@ -247,10 +247,12 @@ _head_option = click.option(
 @audit.command("verify")
 @_vault_option
 @_head_option
-def audit_verify(vault: str | None, head: Path | None) -> None:
+@click.option("--audit-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The auditor's key of an SQLite vault's log (default <vault>.audit-key).")
+def audit_verify(vault: str | None, head: Path | None, audit_key: Path | None) -> None:
     """Check the hash chain; exit 1 at the first altered, reordered or missing record, or
     (with --head) when the log was truncated or re-chained since a checkpoint."""
-    result = _service(vault).verify_audit(head)
+    result = _service(vault).verify_audit(head, audit_key)
     click.echo(f"audit log intact: {result['records']} records, head {result['head']}")
     if head is None:
         click.echo("(without --head a truncated log still verifies: keep checkpoints with "

@@ -312,11 +312,14 @@ class VaultTokenService:
 
     # -- audit verification -----------------------------------------------------------------
 
-    def verify_audit(self, head: Path | None = None) -> dict[str, Any]:
+    def verify_audit(self, head: Path | None = None,
+                     audit_key: Path | None = None) -> dict[str, Any]:
         """Walk the chain; raise AuditChainError at the first record that does not verify,
-        and, given a head file, when the log was truncated or re-chained since a checkpoint."""
+        and, given a head file, when the log was truncated or re-chained since a checkpoint.
+        `audit_key`: the auditor's key file of a forward-secure log (default: beside it)."""
         self.gate.flush()
-        return _audit.verify(self.store.audit_records(), self._seal, head)
+        chain, finish = self.store.audit_verifier(self._seal, audit_key)
+        return _audit.verify(self.store.audit_records(), chain, head, finish)
 
     def checkpoint_audit(self, head: Path) -> dict[str, Any]:
         """Verify the log against `head` (if it exists yet), then append its current head."""

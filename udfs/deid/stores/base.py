@@ -14,6 +14,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .._audit import GENESIS
@@ -182,6 +183,12 @@ class VaultStore(ABC):
     @abstractmethod
     def audit_records(self) -> Iterator[dict[str, Any]]:
         """All audit records in sequence order, each with seq, prev and hash."""
+
+    def audit_verifier(self, seal: Sealer, audit_key: Path | None = None
+                       ) -> tuple[Sealer, Callable[[int, str], None] | None]:
+        """How to verify this store's log: (chain, end-of-log check or None). A store that
+        seals with the vault's audit key (`seal`) needs nothing more."""
+        return seal, None
 
     # -- introspection ------------------------------------------------------------------
 

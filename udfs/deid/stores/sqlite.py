@@ -11,7 +11,7 @@ import contextlib
 import datetime as _dt
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,9 +65,24 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+def audit_key_file_for(vault_path: Path) -> Path:
+    return vault_path.with_name(vault_path.name + ".audit-key")
+
+
 class SQLiteStore(VaultStore):
+    """The embedded vault.
+
+    Its audit log is forward-secure (deid._audit): every process that appends holds only the
+    current signing state, kept in the vault; K_1, which verifies the log, is written once to
+    ``<vault>.audit-key`` when the log starts, for the auditor to take away. A reader who holds
+    the key file (to detokenize) can still append, but cannot re-seal, drop or cut off
+    records already written. Vaults whose log started before this are verified with the key
+    file's audit key, as before (`forward_audit=False` keeps a new vault that way too).
+    """
+
     def __init__(self, path: Path, *, busy_timeout_s: float = 60.0,
-                 synchronous: str = "full", cache_mib: int = 64, mmap_mib: int = 1024) -> None:
+                 synchronous: str = "full", cache_mib: int = 64, mmap_mib: int = 1024,
+                 forward_audit: bool = True) -> None:
         if synchronous not in ("full", "normal"):
             raise ConfigError("deid vault: synchronous must be 'full' (every commit reaches the "
                               "disk) or 'normal' (survives a process crash, not a power loss)")
@@ -90,6 +105,11 @@ class SQLiteStore(VaultStore):
                 db.execute(statement)
             db.execute("insert or ignore into meta values ('schema_version', ?)",
                        (_SCHEMA_VERSION,))
+            started = db.execute("select 1 from meta where key = 'audit_state'").fetchone() \
+                or db.execute("select 1 from audit limit 1").fetchone()
+            if forward_audit and not started:
+                first = _audit.create_audit_key_file(audit_key_file_for(self.path))
+                self._put_state(db, 1, first)
         with contextlib.suppress(OSError):  # e.g. a mount owned by someone else
             self.path.chmod(0o600)
 
@@ -324,12 +344,35 @@ class SQLiteStore(VaultStore):
 
     # -- audit ------------------------------------------------------------------------------
 
+    @staticmethod
+    def _put_state(db: sqlite3.Connection, seq: int, key: bytes) -> None:
+        db.execute("insert or replace into meta values ('audit_state', ?)",
+                   (_audit.encode({"key": key.hex(), "seq": seq}),))
+
+    @staticmethod
+    def _state(db: sqlite3.Connection) -> tuple[int, bytes] | None:
+        row = db.execute("select value from meta where key = 'audit_state'").fetchone()
+        if row is None:
+            return None
+        doc = _audit.decode(row[0], "the audit signing state")
+        return int(doc["seq"]), bytes.fromhex(doc["key"])
+
     def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
         with self._tx() as db:
             head = db.execute("select seq, hash from audit order by seq desc limit 1").fetchone()
             seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
             record = {**record, "seq": seq}
-            digest = seal(prev, record)
+            state = self._state(db)
+            if state is None:
+                digest = seal(prev, record)
+            else:
+                if state[0] != seq:
+                    raise _audit.AuditChainError(
+                        f"deid audit: the vault's audit signing state is at record {state[0]} "
+                        f"but the log's next record is {seq}: records were removed or the "
+                        "state was replaced (run deid audit verify)")
+                digest = _audit.seal_with(state[1], prev, record)
+                self._put_state(db, seq + 1, _audit.evolve(state[1]))
             db.execute("insert into audit values (?, ?, ?, ?)",
                        (seq, _audit.encode(record), prev, digest))
         return {**record, "prev": prev, "hash": digest}
@@ -345,6 +388,24 @@ class SQLiteStore(VaultStore):
                 yield {**_audit.decode(record, f"record {seq}"), "seq": seq, "prev": prev,
                        "hash": digest}
             last = rows[-1][0]
+
+    def audit_verifier(self, seal: Sealer, audit_key: Path | None = None
+                       ) -> tuple[Sealer, Callable[[int, str], None] | None]:
+        with self._tx(write=False) as db:
+            state = self._state(db)
+        if state is None:
+            return seal, None
+        first = _audit.read_audit_key_file(audit_key or audit_key_file_for(self.path))
+
+        def finish(n: int, _head: str) -> None:
+            # The state moved one step per record: a log cut after record n leaves it ahead.
+            if state != (n + 1, _audit.key_at(first, n + 1)):
+                raise _audit.AuditChainError(
+                    f"deid audit: the log ends at record {n} but the vault's signing state is "
+                    f"at record {state[0]}: the newest records were removed (or the state "
+                    "was replaced)")
+
+        return _audit.ForwardChain(first), finish
 
     # -- stats ------------------------------------------------------------------------------
 
