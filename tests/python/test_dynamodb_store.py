@@ -178,12 +178,20 @@ def test_tokenize_never_decrypts_values_and_detokenize_never_sees_the_fingerprin
     tok2.store.kms = _RecordingKms(tok2.store.kms)
     assert tok2.tokenize("ssn", ["123-45-6789"]) == tokens[:1]
     assert set(tok2.store.kms.calls) == {("decrypt", "fingerprint")}
+    # A host's tokenize (with the caller's principal) is audited: the audit key too.
+    tok2.store.grant_tokenize("etl", "*", "tokenize", "test")
+    assert tok2.tokenize("ssn", ["123-45-6789"], principal="etl") == tokens[:1]
+    tok2.flush_audit()
+    audit_ops = set(tok2.store.kms.calls) - {("decrypt", "fingerprint")}
+    # the audit key is created by the first appender, unwrapped by the others
+    assert audit_ops in ({("generate_data_key", "audit")}, {("decrypt", "audit")})
 
     tok.store.grant("reader", "test")
     det = service(vault_url)
     det.store.kms = _RecordingKms(det.store.kms)
     assert det.detokenize(tokens, principal="reader") == ["123-45-6789", "987-65-4321"]
-    assert set(det.store.kms.calls) == {("decrypt", "values"), ("generate_data_key", "audit")}
+    # (the tokenize container above created the audit key; detokenize unwraps it)
+    assert set(det.store.kms.calls) == {("decrypt", "values"), ("decrypt", "audit")}
 
 
 def test_each_tokenize_container_gets_its_own_key_version(vault_url: str) -> None:

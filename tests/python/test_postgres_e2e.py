@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -335,11 +336,17 @@ def test_attack_a_guess_loop_in_a_rolled_back_transaction_leaves_a_trail(built):
             cur.execute("select r.email from raw.raw_customers r "
                         "where deid.tokenize(r.email, 'email') = %s", (token,))
             assert cur.fetchall(), "the oracle answers the transformer (by design)"
+            conn.rollback()
+            # The session's next tokenizing statement logs the previous one's counts.
+            cur.execute("select deid.tokenize('next.statement@example.com', 'email')")
         conn.rollback()
     finally:
         conn.close()
-    assert f"deid audit: tokenize by principal 'transformer' in statement {pid}@" in \
-        _server_log(built), "the guess loop left no trail"
+    log = _server_log(built)
+    assert f"deid audit: tokenize by principal 'transformer' in statement {pid}@" in log, \
+        "the guess loop left no trail"
+    assert re.search(rf"tokenize by principal 'transformer' in statement {pid}@[^\n]*?: "
+                     r"domain 'email', 0 new, [1-9]\d* existing", log)
 
 
 def test_attack_a_security_definer_wrapper_does_not_hand_tokenize_to_an_analyst(built):
@@ -357,6 +364,8 @@ def test_attack_a_security_definer_wrapper_does_not_hand_tokenize_to_an_analyst(
         assert err.pgcode == "42501"
         assert "analyst" in str(err) and "a.guess" not in str(err)
         assert admin.stats()["tokens"] == before, "the guess was minted"
+        assert "deid audit: tokenize refused by the vault policy for principal 'analyst'" in \
+            _server_log(built)
     finally:
         admin.close()
         query(built, "transformer", "drop function analytics.probe(text)")

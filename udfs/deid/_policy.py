@@ -97,20 +97,18 @@ class Gate:
         self._modes[key] = (t, mode)
         return mode
 
-    def require_tokenize(self, principal: str, domain: str, kind: str, count: int, *,
-                         query_id: str | None, host: str | None) -> str:
-        """The principal's mode for the domain; refuses (audited at once) when it has none."""
-        mode = self.tokenize_mode(principal, domain)
-        if mode is None:
-            self.append({"action": "tokenize", "principal": principal, "outcome": "denied",
-                         "domain": domain, "kinds": {kind: count}, "count": count,
-                         "new": 0, "existing": 0, "missed": 0, "query_id": query_id,
-                         "host": host})
-            raise PermissionDeniedError(
-                f"deid.tokenize: permission denied: principal {principal!r} is not in the "
-                f"vault's tokenize policy for domain {domain!r} (ask a vault admin: deid "
-                f"grant --tokenize {principal} --domain {domain})")
-        return mode
+    def refuse_tokenize(self, principal: str, domain: str, kind: str, count: int, *,
+                        query_id: str | None, host: str | None) -> PermissionDeniedError:
+        """Audit (at once) a principal with no tokenize right in the domain; the error to
+        raise."""
+        self.append({"action": "tokenize", "principal": principal, "outcome": "denied",
+                     "domain": domain, "kinds": {kind: count}, "count": count,
+                     "new": 0, "existing": 0, "missed": 0, "query_id": query_id,
+                     "host": host})
+        return PermissionDeniedError(
+            f"deid.tokenize: permission denied: principal {principal!r} is not in the "
+            f"vault's tokenize policy for domain {domain!r} (ask a vault admin: deid "
+            f"grant --tokenize {principal} --domain {domain})")
 
     def missed(self, principal: str, domain: str, kind: str, *, existing: int, missed: int,
                row: int, query_id: str | None, host: str | None) -> PermissionDeniedError:

@@ -285,7 +285,8 @@ def stats(vault: str | None, as_json: bool) -> None:
     for name, n in data["tokens"].items():
         click.echo(f"  {name:<28} {n:>10} tokens")
     click.echo(f"key versions: {json.dumps(data['key_versions'])}")
-    click.echo(f"principals: {data['principals']}   audit records: {data['audit_records']}")
+    click.echo(f"principals: {data['principals']}   tokenize grants: "
+               f"{data.get('tokenize_grants', 0)}   audit records: {data['audit_records']}")
 
 
 @main.command()

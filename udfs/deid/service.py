@@ -64,7 +64,7 @@ class TokenizeBatch:
     tokenize policy (once per batch), serve cached tokens, refuse non-text values, normalize
     the rest. NULL stays NULL and is never counted, checked or sent to a vault."""
 
-    __slots__ = ("column", "gate", "host", "mode", "namespace", "out", "pending",
+    __slots__ = ("column", "gate", "host", "mode", "namespace", "nulls", "out", "pending",
                  "principal", "query_id", "spec", "values")
 
     def __init__(self, kind: str, values: Sequence[str | None], *, column: str | None,
@@ -74,9 +74,14 @@ class TokenizeBatch:
         self.values = values if isinstance(values, list) else list(values)
         self.column, self.gate = column, gate
         self.principal, self.query_id, self.host = principal, query_id, host
-        self.mode = "tokenize" if principal is None else gate.require_tokenize(
-            principal, spec.domain, spec.name, len(self.values) - self.values.count(None),
-            query_id=query_id, host=host)
+        self.nulls = self.values.count(None)
+        mode = "tokenize" if principal is None else gate.tokenize_mode(principal, spec.domain)
+        if mode is None:
+            assert principal is not None
+            raise gate.refuse_tokenize(principal, spec.domain, spec.name,
+                                       len(self.values) - self.nulls, query_id=query_id,
+                                       host=host)
+        self.mode = mode
         # One cache namespace per domain and kind: a value has one token per domain.
         self.namespace = (spec.domain, spec.name)
         self.out = cache.lookup(self.namespace, self.values)
@@ -85,8 +90,8 @@ class TokenizeBatch:
     def done(self) -> bool:
         """True when every non-NULL value was cached (the steady-state fast path)."""
         values, out = self.values, self.out
-        if out.count(None) == values.count(None):
-            self.count(new=0, existing=len(values) - values.count(None))
+        if out.count(None) == self.nulls:
+            self.count(new=0, existing=len(values) - self.nulls)
             return True
         pending = self.pending
         for i, (v, t) in enumerate(zip(values, out, strict=True)):
@@ -127,7 +132,7 @@ class TokenizeBatch:
         if self.mode == "lookup" and missing_raws:
             assert self.principal is not None
             missed = self.rows(missing_raws)
-            present = len(self.values) - self.values.count(None)
+            present = len(self.values) - self.nulls
             row = min(self.pending[r][0] for r in missing_raws) + 1
             raise self.gate.missed(self.principal, self.spec.domain, self.spec.name,
                                    existing=present - missed, missed=missed, row=row,
@@ -145,7 +150,7 @@ class TokenizeBatch:
                 for i in pending[raw]:
                     out[i] = token
         cache.store(self.namespace, learned)
-        present = len(self.values) - self.values.count(None)
+        present = len(self.values) - self.nulls
         self.count(new=new_raws, existing=present - new_raws)
         return out
 

@@ -31,7 +31,8 @@ IAM policies in ``udfs/template.yaml`` condition on.
   encrypts new values under a data key of its own: at its first new value a container takes
   the next key version from ``meta#key_counter``, calls ``kms:GenerateDataKey`` (purpose
   ``values``) and stores the wrapped key as ``key#<version>``. It never decrypts a data key,
-  so it cannot read values other containers stored.
+  so it cannot read values other containers stored. It unwraps the audit key (purpose
+  ``audit``) to append its aggregate tokenize records.
 - detokenize unwraps data keys by version (``kms:Decrypt``, purpose ``values``) and the
   audit key (purpose ``audit``); it never sees the fingerprint key.
 
