@@ -30,6 +30,6 @@ if out=$(dbt show --quiet --log-level-file none --select reidentify_emails_by_ag
 fi
 grep -o 'PermissionDeniedError: .*policy[^)]*)' <<<"$out" | head -n 1
 
-say "6/6  The audit log: every detokenize attempt, allowed or denied (never values)"
+say "6/6  The audit log: grants, tokenize counts, every detokenize attempt (never values)"
 deid audit show --limit 6
 deid audit verify

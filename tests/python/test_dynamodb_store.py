@@ -215,7 +215,8 @@ def test_policy_denies_and_audits(vault_url: str) -> None:
     records = list(s.store.audit_records())
     assert [(r["principal"], r["outcome"], r["query_id"]) for r in records] == [
         ("intruder", "denied", "7")]
-    assert s.verify_audit() == {"records": 1, "head": records[0]["hash"], "checkpoints": 0}
+    assert s.verify_audit() == {"records": 1, "head": records[0]["hash"], "checkpoints": 0,
+                                "forward_secure": False}
 
 
 def test_tokenize_policy_grants_replace_and_revoke(vault_url: str) -> None:

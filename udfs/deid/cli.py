@@ -254,9 +254,12 @@ def audit_verify(vault: str | None, head: Path | None, audit_key: Path | None) -
     (with --head) when the log was truncated or re-chained since a checkpoint."""
     result = _service(vault).verify_audit(head, audit_key)
     click.echo(f"audit log intact: {result['records']} records, head {result['head']}")
-    if head is None:
+    if head is None and not result["forward_secure"]:
         click.echo("(without --head a truncated log still verifies: keep checkpoints with "
                    "deid audit checkpoint --head FILE)")
+    elif head is None:
+        click.echo("(forward-secure log: truncation shows without --head; a vault file "
+                   "replaced by an older copy needs checkpoints: deid audit checkpoint)")
     else:
         click.echo(f"consistent with {result['checkpoints']} checkpoint(s) in {head}")
 

@@ -324,7 +324,8 @@ class VaultTokenService:
         `audit_key`: the auditor's key file of a forward-secure log (default: beside it)."""
         self.gate.flush()
         chain, finish = self.store.audit_verifier(self._seal, audit_key)
-        return _audit.verify(self.store.audit_records(), chain, head, finish)
+        result = _audit.verify(self.store.audit_records(), chain, head, finish)
+        return {**result, "forward_secure": finish is not None}
 
     def checkpoint_audit(self, head: Path) -> dict[str, Any]:
         """Verify the log against `head` (if it exists yet), then append its current head."""
