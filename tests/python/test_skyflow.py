@@ -589,7 +589,8 @@ def test_redshift_lambda_handlers_work_over_skyflow(make, fake, tmp_path):
     # the handler that must be success: false, not success: true with wrong data.
     fake.faults.clear()
     fake.role_redaction = "REDACTED"
-    fresh = RedshiftUDF(make(policy=f"sqlite:///{policy_db}"))  # nothing cached
+    fresh = RedshiftUDF(make(policy=f"sqlite:///{policy_db}"),  # nothing cached
+                        HandlerConfig(databases=frozenset({"dev"})))
     doc = json.loads(fresh.detokenize({**detok, "query_id": 79}))
     assert doc["success"] is False and "plain-text access" in doc["error_msg"]
     assert "results" not in doc
