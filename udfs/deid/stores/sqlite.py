@@ -69,6 +69,43 @@ def audit_key_file_for(vault_path: Path) -> Path:
     return vault_path.with_name(vault_path.name + ".audit-key")
 
 
+# SQLite's error families (the prefix of sqlite3.Error.sqlite_errorname) → (what, the fix).
+# SQLite's own message is never shown: a constraint message can name a column's content.
+_FIXES = {
+    "SQLITE_READONLY": ("the vault is read-only",
+                        "give this process write access to the vault file and its directory "
+                        "(SQLite writes -wal and -shm files beside it); a reader that only "
+                        "looks tokens up still needs them"),
+    "SQLITE_BUSY": ("the vault stayed locked by another writer past the busy timeout",
+                    "retry; if it persists, look for a process holding a long write "
+                    "transaction on the vault"),
+    "SQLITE_LOCKED": ("the vault stayed locked by another writer past the busy timeout",
+                      "retry; if it persists, look for a process holding a long write "
+                      "transaction on the vault"),
+    "SQLITE_CANTOPEN": ("the vault file cannot be opened",
+                        "check that the path exists and this process may read and write it"),
+    "SQLITE_PERM": ("the operating system refused access to the vault",
+                    "give this process read and write access to the vault file"),
+    "SQLITE_NOTADB": ("the file is not an SQLite database",
+                      "point DEID_VAULT at the vault's .db file (not its .keys file)"),
+    "SQLITE_CORRUPT": ("the vault file is corrupt",
+                       "restore the vault and its key file from a backup"),
+    "SQLITE_FULL": ("the disk holding the vault is full", "free space, then retry"),
+    "SQLITE_IOERR": ("the disk holding the vault failed to read or write",
+                     "check the disk and the mount, then retry"),
+}
+
+
+def _store_error(path: Path, doing: str, exc: sqlite3.Error) -> VaultUnavailableError:
+    """A deid error for a sqlite3 failure: what failed and the fix, never SQLite's text."""
+    code = str(getattr(exc, "sqlite_errorname", "") or type(exc).__name__)
+    family = next((k for k in _FIXES if code.startswith(k)), None)
+    if family is None:
+        return VaultUnavailableError(f"deid vault: {doing} {path} failed ({code})")
+    what, fix = _FIXES[family]
+    return VaultUnavailableError(f"deid vault: {doing} {path} failed: {what} ({code}); {fix}")
+
+
 class SQLiteStore(VaultStore):
     """The embedded vault.
 
@@ -132,8 +169,9 @@ class SQLiteStore(VaultStore):
                 db.execute(f"pragma mmap_size={self._mmap_bytes}")
                 db.execute("pragma foreign_keys=on")
             except sqlite3.Error as exc:
-                raise VaultUnavailableError(
-                    f"deid vault: cannot open {self.path}: {exc.__class__.__name__}") from None
+                if db is not None:
+                    db.close()
+                raise _store_error(self.path, "opening", exc) from None
             self._local.db = db
         return db
 
@@ -143,23 +181,27 @@ class SQLiteStore(VaultStore):
         try:
             db.execute("begin immediate" if write else "begin")
         except sqlite3.Error as exc:
-            raise VaultUnavailableError(
-                f"deid vault: {self.path} is unavailable ({exc})") from None
+            raise _store_error(self.path, "a transaction on", exc) from None
         try:
             yield db
-        except BaseException:
-            db.execute("rollback")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                db.execute("rollback")
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(self.path, "writing to", exc) from None
             raise
         try:
             db.execute("commit")
         except sqlite3.Error as exc:
-            raise VaultUnavailableError(f"deid vault: commit failed ({exc})") from None
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("rollback")
+            raise _store_error(self.path, "committing to", exc) from None
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
             return self._db().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
-            raise VaultUnavailableError(f"deid vault: read failed ({exc})") from None
+            raise _store_error(self.path, "reading", exc) from None
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
