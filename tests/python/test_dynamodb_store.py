@@ -368,3 +368,34 @@ def test_rewrap_moves_values_to_this_container_version_with_compare_and_swap(
     later.store.grant("reader", "test")
     assert later.detokenize(tokens, principal="reader") == \
         [f"r{i}@example.com" for i in range(5)]
+
+
+class _LostNetworkDdb:
+    """Delegates reads to the real client; every write dies on the network, as botocore
+    reports a dropped connection (a BotoCoreError, not a ClientError)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def _lost(self, **kwargs: Any) -> Any:
+        from botocore.exceptions import EndpointConnectionError
+
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    put_item = transact_write_items = update_item = delete_item = _lost
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_network_errors_on_writes_are_deid_errors_without_values(vault_url: str) -> None:
+    s = service(vault_url)
+    s.tokenize("email", ["known@example.com"])  # keys loaded while the network was up
+    s.store.ddb = _LostNetworkDdb(s.store.ddb)
+    secret = "secret.value@example.com"
+    for attempt in (lambda: s.tokenize("email", [secret]),
+                    lambda: s.store.grant(secret, "test")):
+        with pytest.raises(VaultUnavailableError) as err:
+            attempt()
+        assert "EndpointConnectionError" in str(err.value)
+        assert secret not in str(err.value)

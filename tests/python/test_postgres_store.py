@@ -445,6 +445,7 @@ def test_udf_lookups_work_in_a_read_only_transaction_and_detokenize_fails_closed
         with pytest.raises(psycopg2.Error) as info:
             cur.execute("select t_detokenize(%s)", (token,))
         assert "read-only transaction" in str(info.value)
+        assert "need the primary" in str(info.value)  # the fix, not only the failure
         assert "judy" not in str(info.value).lower()
     finally:
         conn.close()

@@ -81,14 +81,47 @@ def _code(exc: Exception) -> str:
     return str(response.get("Error", {}).get("Code") or type(exc).__name__)
 
 
+# Error code (or botocore exception class) → what to do. AWS's own message is never shown:
+# a ValidationException can quote an attribute value.
+_FIXES = {
+    "ResourceNotFoundException": "the table does not exist in this region; deploy it "
+                                 "(udfs/template.yaml) or fix the URL's table and region",
+    "AccessDeniedException": "the role lacks this DynamoDB permission; compare its policy with "
+                             "udfs/template.yaml",
+    "UnrecognizedClientException": "the AWS credentials are invalid for this region",
+    "ProvisionedThroughputExceededException": "raise the table's capacity or use on-demand",
+    "ThrottlingException": "raise the table's capacity or use on-demand",
+    "RequestLimitExceeded": "raise the account's DynamoDB limits or lower the concurrency",
+    "EndpointConnectionError": "DynamoDB could not be reached; check the network, region "
+                               "and endpoint_url",
+    "ConnectTimeoutError": "DynamoDB could not be reached; check the network, region and "
+                           "endpoint_url",
+    "ReadTimeoutError": "DynamoDB did not answer in time; retry",
+    "NoCredentialsError": "no AWS credentials found; give the function a role or set the "
+                          "AWS_* variables",
+}
+
+
+def _ddb_error(op: str, table: str, exc: Exception, detail: str = "") -> VaultUnavailableError:
+    code = _code(exc)
+    fix = _FIXES.get(code)
+    return VaultUnavailableError(
+        f"deid vault: DynamoDB {op} on table {table!r} failed ({code}{detail})"
+        + (f"; {fix}" if fix else ""))
+
+
 class DynamoDBStore(VaultStore):
     """A `VaultStore` over one DynamoDB table and one KMS key. Thread-safe."""
 
     def __init__(self, table: str, *, region: str | None, kms_key: str,
                  endpoint_url: str | None = None, workers: int = 8,
                  session: Any = None) -> None:
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise ConfigError("deid vault: dynamodb:// needs boto3; install deid with the "
+                              "redshift extra (or add boto3 to the Lambda bundle)") from None
 
         if not table:
             raise ConfigError("deid vault: a DynamoDB URL names the table: dynamodb://<table>?…")
@@ -119,14 +152,8 @@ class DynamoDBStore(VaultStore):
         try:
             result: dict[str, Any] = getattr(self.ddb, op)(**kwargs)
             return result
-        except ClientError as exc:
-            raise VaultUnavailableError(
-                f"deid vault: DynamoDB {op} on table {self.table!r} failed ({_code(exc)})"
-            ) from None
-        except BotoCoreError as exc:
-            raise VaultUnavailableError(
-                f"deid vault: DynamoDB {op} on table {self.table!r} failed "
-                f"({type(exc).__name__})") from None
+        except (ClientError, BotoCoreError) as exc:
+            raise _ddb_error(op, self.table, exc) from None
 
     def _kms(self, op: str, **kwargs: Any) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -180,7 +207,7 @@ class DynamoDBStore(VaultStore):
         return item
 
     def _put_if_absent(self, item: dict[str, Any]) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.ddb.put_item(TableName=self.table, Item=item,
@@ -189,19 +216,21 @@ class DynamoDBStore(VaultStore):
         except ClientError as exc:
             if _code(exc) == "ConditionalCheckFailedException":
                 return False
-            raise VaultUnavailableError(
-                f"deid vault: DynamoDB PutItem on table {self.table!r} failed ({_code(exc)})"
-            ) from None
+            raise _ddb_error("PutItem", self.table, exc) from None
+        except BotoCoreError as exc:
+            raise _ddb_error("PutItem", self.table, exc) from None
 
     def _transact(self, items: list[dict[str, Any]]) -> list[str] | None:
         """Run a transaction; None on success, else the per-item cancellation codes.
         Conflicts and throttling are retried here; condition failures are the caller's."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         for attempt in range(_MAX_ATTEMPTS + 1):
             try:
                 self.ddb.transact_write_items(TransactItems=items)
                 return None
+            except BotoCoreError as exc:
+                raise _ddb_error("TransactWriteItems", self.table, exc) from None
             except ClientError as exc:
                 code = _code(exc)
                 reasons = [r.get("Code", "None") for r in
@@ -214,10 +243,8 @@ class DynamoDBStore(VaultStore):
                                      "ThrottlingException", "RequestLimitExceeded",
                                      "InternalServerError")
                 if not retryable or attempt == _MAX_ATTEMPTS:
-                    raise VaultUnavailableError(
-                        f"deid vault: DynamoDB TransactWriteItems on table {self.table!r} "
-                        f"failed ({code}{': ' + ','.join(sorted(set(reasons))) if reasons else ''})"
-                    ) from None
+                    detail = f": {','.join(sorted(set(reasons)))}" if reasons else ""
+                    raise _ddb_error("TransactWriteItems", self.table, exc, detail) from None
                 _backoff(attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 

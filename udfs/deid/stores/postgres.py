@@ -443,9 +443,10 @@ class SpiStore(_PgStore):
         try:
             return self._plpy.execute(self._plan(name), list(args))
         except self._plpy.SPIError as exc:
+            sqlstate = getattr(exc, "sqlstate", None)
             err = VaultUnavailableError(
                 f"deid vault: statement {name!r} on schema {self.schema} failed: "
-                f"{_primary(exc)} (SQLSTATE {getattr(exc, 'sqlstate', None) or 'unknown'})")
+                f"{_primary(exc)} (SQLSTATE {sqlstate or 'unknown'}){_fix(sqlstate)}")
             err.sqlstate = getattr(exc, "sqlstate", None)  # type: ignore[attr-defined]
             raise err from None
 
@@ -463,6 +464,36 @@ class SpiStore(_PgStore):
     def _atomic(self) -> Iterator[Run]:
         with self._plpy.subtransaction():
             yield self._run
+
+
+# SQLSTATE (or its class, the first two characters) → what to do.
+_FIXES = {
+    "25006": "the transaction is read-only (a standby, or SET TRANSACTION READ ONLY): looking "
+             "up existing tokens works there, but new tokens and detokenize (which writes its "
+             "audit record) need the primary in a read-write transaction",
+    "42501": "the role lacks a privilege on the vault schema: connect as the vault role or a "
+             "member of it (role= in the URL), see docs/postgres.md",
+    "42P01": "the vault's tables are missing: create them with `dbt run-operation "
+             "postgres_install_udfs` (or `deid init`)",
+    "3F000": "the vault schema is missing: create it with `dbt run-operation "
+             "postgres_install_udfs` (or `deid init`)",
+    "57014": "the statement was cancelled (statement_timeout or a cancel request); retry, or "
+             "raise statement_timeout for this role",
+    "55P03": "a vault lock was not granted within lock_timeout; retry",
+    "40P01": "a deadlock with another session; retry the statement",
+    "40001": "a serialization failure with another session; retry the statement",
+    "53": "the server is out of a resource (disk, memory, connections); free it and retry",
+    "08": "the connection to the server failed; check PGHOST/PGPORT and the server",
+    "28": "the server refused the login; check the user and password (PGUSER, PGPASSWORD, "
+          "~/.pgpass)",
+}
+
+
+def _fix(sqlstate: str | None) -> str:
+    if not sqlstate:
+        return ""
+    fix = _FIXES.get(sqlstate) or _FIXES.get(sqlstate[:2])
+    return f"; {fix}" if fix else ""
 
 
 def _returns_rows(name: str) -> bool:
@@ -517,7 +548,8 @@ class Psycopg2Store(_PgStore):
                     conn.commit()
             except psycopg2.Error as exc:
                 raise VaultUnavailableError(
-                    f"deid vault: cannot connect to {self.url}: {_primary(exc)}") from None
+                    f"deid vault: cannot connect to {self.url}: {_primary(exc)}"
+                    f"{_fix(exc.pgcode or '08')}") from None
             self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)
@@ -542,7 +574,7 @@ class Psycopg2Store(_PgStore):
             except psycopg2.Error as exc:
                 raise VaultUnavailableError(
                     f"deid vault: {self.url}, schema {self.schema}: {_primary(exc)} "
-                    f"(SQLSTATE {exc.pgcode or 'unknown'})") from None
+                    f"(SQLSTATE {exc.pgcode or 'unknown'}){_fix(exc.pgcode)}") from None
             conn.commit()
         except BaseException:
             try:
@@ -559,14 +591,19 @@ class Psycopg2Store(_PgStore):
 
     def create_schema(self) -> None:
         """Create the vault's tables (idempotent). dbt's create_udfs does the same."""
+        import psycopg2
+
         conn = self._conn()
         try:
             with conn.cursor() as cur:
                 cur.execute(vault_ddl(self.schema))
             conn.commit()
-        except Exception:
+        except psycopg2.Error as exc:
             conn.rollback()
-            raise
+            raise VaultUnavailableError(
+                f"deid vault: creating schema {self.schema} on {self.url} failed: "
+                f"{_primary(exc)} (SQLSTATE {exc.pgcode or 'unknown'}){_fix(exc.pgcode)}"
+            ) from None
 
     def close(self) -> None:
         with self._all_lock:
