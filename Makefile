@@ -7,7 +7,7 @@ PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constra
 export DBT_PROFILES_DIR ?= $(CURDIR)
 export DBT_SEND_ANONYMOUS_USAGE_STATS := false
 
-.PHONY: demo test lint bench bench-lambda demo-postgres clean
+.PHONY: demo test test-fast lint bench bench-lambda demo-postgres clean
 
 # The embedded pipeline only (dbt-duckdb, DuckDB, Faker).
 $(VENV)/.demo: pyproject.toml constraints.txt
@@ -29,9 +29,16 @@ profiles.yml:
 demo: $(VENV)/.demo profiles.yml
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
+# Everything, in random order (pytest-randomly): the PostgreSQL tier included, whose server
+# scripts/ensure_postgres.sh installs where it can or names the command that does.
 test: $(VENV)/.dev
+	bash scripts/ensure_postgres.sh
 	$(BIN)/ruff check udfs tools tests scripts bench
 	$(BIN)/pytest
+
+# The unit tier: no dbt, no PostgreSQL, no server subprocess (well under 30 s).
+test-fast: $(VENV)/.dev
+	$(BIN)/pytest -m "not e2e and not postgres and not slow"
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check udfs tools tests scripts bench

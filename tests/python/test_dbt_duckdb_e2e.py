@@ -13,6 +13,8 @@ import pytest
 from dbt_project_copy import ROOT, DbtProject, copy_project
 from deid import kinds
 
+pytestmark = pytest.mark.e2e
+
 SENSITIVE = {
     "raw_customers": ["full_name", "email", "phone", "ssn", "street_address"],
     "raw_prescriptions": ["prescriber_name", "prescriber_npi"],

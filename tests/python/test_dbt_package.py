@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dbt_project_copy import copy_project
+
+pytestmark = pytest.mark.e2e
 
 CONSUMER_PROJECT = """
 name: clinic

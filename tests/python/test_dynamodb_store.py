@@ -14,12 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 
-boto3 = pytest.importorskip("boto3")
-
-from deid import kinds  # noqa: E402
-from deid.errors import (  # noqa: E402
+from deid import kinds
+from deid.errors import (
     ConfigError,
     DeidError,
     PermissionDeniedError,
@@ -27,9 +26,11 @@ from deid.errors import (  # noqa: E402
     VaultKeyError,
     VaultUnavailableError,
 )
-from deid.service import VaultTokenService  # noqa: E402
-from deid.stores import StoredValue  # noqa: E402
-from deid.stores.dynamodb import DynamoDBStore, open_store  # noqa: E402
+from deid.service import VaultTokenService
+from deid.stores import StoredValue
+from deid.stores.dynamodb import DynamoDBStore, open_store
+
+pytestmark = pytest.mark.slow  # a moto server in a subprocess, real HTTP
 
 REGION = "us-east-1"
 

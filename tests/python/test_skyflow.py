@@ -205,8 +205,8 @@ def test_roles_scope_tokens_to_least_privilege(fake, tmp_path, make):
 
 
 def test_credentials_from_aws_secrets_manager(fake, monkeypatch):
-    moto = pytest.importorskip("moto")
     import boto3
+    import moto  # a dev dependency; imported here because only this test uses it
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dbt_project_copy import copy_project
+
+pytestmark = pytest.mark.e2e  # the dbt templater compiles the whole project
 
 
 def test_models_and_analyses_pass_sqlfluff(tmp_path: Path) -> None:
