@@ -28,13 +28,13 @@ begin
     end if;
 end
 $deid_role$;
-{{ deid.postgres__create_vault(vault_schema, vault_role) }}
+{{ deid.postgres_create_vault(vault_schema, vault_role) }}
 create schema if not exists deid;
 alter schema deid owner to {{ vault_role }};
 revoke create on schema deid from public;
 grant usage on schema deid to public;
-{{ deid.postgres__udf('tokenize', 'value text, kind text', 'value, kind', vault_schema, python_path) }}
-{{ deid.postgres__udf('detokenize', 'token text', 'token', vault_schema, python_path) }}
+{{ deid.postgres_udf('tokenize', 'value text, kind text', 'value, kind', vault_schema, python_path) }}
+{{ deid.postgres_udf('detokenize', 'token text', 'token', vault_schema, python_path) }}
 alter function deid.tokenize(text, text) owner to {{ vault_role }};
 alter function deid.detokenize(text) owner to {{ vault_role }};
 {#- The vars are the whole truth: EXECUTE granted earlier to a role no longer listed is revoked. #}
@@ -56,10 +56,10 @@ begin
     end loop;
 end
 $deid_acl$;
-{%- for role in deid.postgres__role_list('deid_transformer_roles') %}
+{%- for role in deid.postgres_role_list('deid_transformer_roles') %}
 grant execute on function deid.tokenize(text, text) to {{ role }};
 {%- endfor %}
-{%- for role in deid.postgres__role_list('deid_pii_reader_roles') %}
+{%- for role in deid.postgres_role_list('deid_pii_reader_roles') %}
 grant execute on function deid.detokenize(text) to {{ role }};
 {%- endfor %}
 {%- endmacro %}

@@ -118,7 +118,7 @@ _SQL: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def vault_ddl(schema: str = DEFAULT_SCHEMA) -> str:
-    """The vault's tables. macros/postgres/postgres__create_vault.sql holds the same DDL
+    """The vault's tables. macros/postgres/postgres_create_vault.sql holds the same DDL
     (dbt cannot import Python); the end-to-end test checks that the two agree."""
     s = check_schema(schema)
     return f"""

@@ -1,5 +1,5 @@
 {# One plpython3u UDF: SECURITY DEFINER, pinned search_path, calling deid.plpython_host. #}
-{% macro postgres__udf(name, params, args, vault_schema, python_path) -%}
+{% macro postgres_udf(name, params, args, vault_schema, python_path) -%}
 create or replace function deid.{{ name }}({{ params }}) returns text
 language plpython3u
 volatile

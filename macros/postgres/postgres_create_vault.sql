@@ -1,5 +1,5 @@
 {# The vault's tables in `schema`, owned by `owner` (same DDL as deid.stores.postgres.vault_ddl). #}
-{% macro postgres__create_vault(schema, owner) -%}
+{% macro postgres_create_vault(schema, owner) -%}
 create schema if not exists {{ schema }};
 alter schema {{ schema }} owner to {{ owner }};
 revoke all on schema {{ schema }} from public;

@@ -1,5 +1,5 @@
 {# A role-list var as quoted identifiers; "group x" is accepted (PostgreSQL takes TO GROUP x too). #}
-{% macro postgres__role_list(var_name) -%}
+{% macro postgres_role_list(var_name) -%}
 {%- set value = var(var_name, []) -%}
 {%- set names = [value] if value is string else (value or []) -%}
 {%- set quoted = [] -%}
