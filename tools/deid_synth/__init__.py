@@ -66,6 +66,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deid.kinds import luhn_check_digit
+
 ALL_TABLES: tuple[str, ...] = ("customers", "stores", "orders", "prescriptions", "payments")
 
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -276,19 +278,6 @@ def _coprime_step(n: int, hint: int) -> int:
     return a
 
 
-def _luhn_digit(body: str) -> str:
-    """The Luhn check digit to append to ``body``."""
-    total = 0
-    for i, ch in enumerate(reversed(body)):
-        d = ord(ch) - 48
-        if i % 2 == 0:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return str((10 - total % 10) % 10)
-
-
 # --------------------------------------------------------------------------- pools
 
 
@@ -362,7 +351,7 @@ def _pools(seed: int) -> _Pools:
     prescribers = []
     for _ in range(512):
         body = str(rng.randint(1, 2)) + "".join(str(rng.randrange(10)) for _ in range(8))
-        valid = int(_luhn_digit("80840" + body))
+        valid = int(luhn_check_digit("80840" + body))
         wrong = (valid + rng.randint(1, 9)) % 10  # never the real check digit
         name = f"Dr. {rng.choice(first)} {rng.choice(last)}"
         prescribers.append((name, f"{body}{wrong}"))
@@ -614,7 +603,7 @@ def _card(rng: random.Random) -> tuple[str, str, str]:
     length = 15 if brand == "amex" else 16
     k = length - len(prefix) - 1
     body = f"{prefix}{rng.randrange(10**k):0{k}d}"
-    number = body + _luhn_digit(body)
+    number = body + luhn_check_digit(body)
     r = rng.random()
     if r < 0.03:
         sep = " "

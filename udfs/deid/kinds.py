@@ -117,16 +117,27 @@ def _ssn_tokens(n: int, _canonicals: list[str]) -> list[str]:
     return out
 
 
-def luhn_valid(digits: str) -> bool:
+def _luhn_sum(digits: str, doubled: int) -> int:
+    """Luhn's digit sum, doubling the digits at positions (from the right) of parity `doubled`."""
     total = 0
     for i, ch in enumerate(reversed(digits)):
         d = ord(ch) - 48
-        if i % 2 == 1:
+        if i % 2 == doubled:
             d *= 2
             if d > 9:
                 d -= 9
         total += d
-    return total % 10 == 0
+    return total
+
+
+def luhn_valid(digits: str) -> bool:
+    """Whether the last digit of `digits` is its Luhn check digit (card numbers, NPIs)."""
+    return _luhn_sum(digits, 1) % 10 == 0
+
+
+def luhn_check_digit(body: str) -> str:
+    """The Luhn check digit to append to `body` (the synthetic data makes valid numbers)."""
+    return str((10 - _luhn_sum(body, 0) % 10) % 10)
 
 
 def _card_tokens(n: int, canonicals: list[str]) -> list[str]:
