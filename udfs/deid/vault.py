@@ -47,15 +47,26 @@ class VaultConfig:
 
     @classmethod
     def from_env(cls, overrides: dict[str, Any] | None = None) -> VaultConfig:
+        """From a host's settings (`overrides`: the plugin config) over ``DEID_*`` variables."""
         o = overrides or {}
         return cls(
             url=str(o.get("vault") or os.environ.get("DEID_VAULT") or DEFAULT_VAULT),
-            cache_size=int(o.get("cache_size", os.environ.get("DEID_CACHE_SIZE",
-                                                              DEFAULT_CACHE_SIZE))),
-            detokenize_cache_size=int(o.get("detokenize_cache_size",
-                                            os.environ.get("DEID_DETOKENIZE_CACHE_SIZE",
-                                                           DEFAULT_CACHE_SIZE))),
+            cache_size=_cache_size(o, "cache_size", "DEID_CACHE_SIZE"),
+            detokenize_cache_size=_cache_size(o, "detokenize_cache_size",
+                                              "DEID_DETOKENIZE_CACHE_SIZE"),
         )
+
+
+def _cache_size(overrides: dict[str, Any], name: str, env: str) -> int:
+    raw = overrides.get(name, os.environ.get(env, DEFAULT_CACHE_SIZE))
+    try:
+        size = int(raw)
+    except (TypeError, ValueError):
+        size = -1
+    if size < 0 or isinstance(raw, bool):
+        raise ConfigError(f"deid: {name} (or {env}) must be a whole number of cache entries "
+                          "(0 turns the cache off)")
+    return size
 
 
 def _load(target: str) -> Any:

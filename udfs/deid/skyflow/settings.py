@@ -8,11 +8,9 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from .. import kinds as _kinds
-from .._url import scheme_of
+from .._url import parse_vault_url, scheme_of
 from ..errors import (
     ConfigError,
     DeidError,
@@ -106,29 +104,6 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def _one(params: dict[str, list[str]], name: str) -> str | None:
-    values = params.get(name)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise ConfigError(f"deid skyflow: URL parameter {name!r} is given more than once")
-    return values[0]
-
-
-def _number(params: dict[str, list[str]], name: str, default: float, *, lo: float, hi: float,
-            integer: bool = False) -> Any:
-    raw = _one(params, name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        raise ConfigError(f"deid skyflow: URL parameter {name!r} must be a number") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"deid skyflow: URL parameter {name!r} must be between {lo} and {hi}")
-    return value
-
-
 _KNOWN_PARAMS = {
     "credentials", "mapping", "policy", "mode", "batch_size", "detokenize_batch_size",
     "concurrency", "connect_timeout", "timeout", "retries", "backoff", "max_retry_after",
@@ -138,14 +113,10 @@ _KNOWN_PARAMS = {
 
 def parse_url(url: str, *, cache_size: int = 1_000_000) -> SkyflowSettings:
     """``skyflow://<host>/<vault_id>?credentials=…`` → settings; ConfigError names what is wrong."""
-    parts = urlsplit(url)
+    parsed = parse_vault_url(url, "Skyflow", known=_KNOWN_PARAMS)
+    parts, one = parsed.parts, parsed.text
     if parts.scheme.lower() != "skyflow":
         raise ConfigError("deid skyflow: the vault URL must start with skyflow://")
-    params = parse_qs(parts.query, keep_blank_values=True)
-    unknown = sorted(set(params) - _KNOWN_PARAMS)
-    if unknown:
-        raise ConfigError(f"deid skyflow: unknown URL parameter(s) {', '.join(unknown)}; "
-                          f"expected some of {', '.join(sorted(_KNOWN_PARAMS))}")
     host = parts.hostname
     if not host:
         raise ConfigError("deid skyflow: the URL names no host "
@@ -154,7 +125,7 @@ def parse_url(url: str, *, cache_size: int = 1_000_000) -> SkyflowSettings:
     if not _VAULT_ID.fullmatch(vault_id):
         raise ConfigError("deid skyflow: the URL path must be the vault ID "
                           "(skyflow://<cluster>.vault.skyflowapis.com/<vault_id>)")
-    scheme = (_one(params, "scheme") or "https").lower()
+    scheme = (one("scheme") or "https").lower()
     if scheme not in ("https", "http"):
         raise ConfigError("deid skyflow: scheme must be https (or http for a local test server)")
     if scheme == "http" and not _is_loopback(host):
@@ -163,27 +134,27 @@ def parse_url(url: str, *, cache_size: int = 1_000_000) -> SkyflowSettings:
     netloc = host if parts.port is None else f"{host}:{parts.port}"
     if ":" in host:
         netloc = f"[{host}]" + ("" if parts.port is None else f":{parts.port}")
-    credentials = _one(params, "credentials")
+    credentials = one("credentials")
     if not credentials:
         raise ConfigError("deid skyflow: add credentials=<path to the service account's "
                           "credentials.json> (or credentials=secretsmanager:<arn>, "
                           "credentials=env:<VARIABLE>) to the vault URL")
-    mode = _one(params, "mode") or "upsert"
+    mode = one("mode") or "upsert"
     if mode not in ("upsert", "lookup"):
         raise ConfigError("deid skyflow: mode must be upsert (insert new values) or lookup "
                           "(only values already in the vault)")
-    ctx = _one(params, "ctx") or "user"
+    ctx = one("ctx") or "user"
     if ctx not in ("none", "user", "user+query"):
         raise ConfigError("deid skyflow: ctx must be none, user or user+query")
-    policy = _one(params, "policy") or None
+    policy = one("policy") or None
     if policy is not None and policy != "skyflow" and scheme_of(policy) == "skyflow":
         raise ConfigError("deid skyflow: policy= must be a deid vault URL (sqlite:///…, "
                           "postgresql://…, dynamodb://…) or the word skyflow")
-    mapping = load_mapping(_one(params, "mapping"))
-    if mode == "lookup" and _one(params, "mapping") is None:
+    mapping = load_mapping(one("mapping"))
+    if mode == "lookup" and one("mapping") is None:
         raise ConfigError("deid skyflow: mode=lookup needs a mapping file that names each "
                           "kind's column_group")
-    read_timeout = _number(params, "timeout", DEFAULT_READ_TIMEOUT, lo=0.01, hi=900)
+    read_timeout = parsed.number("timeout", DEFAULT_READ_TIMEOUT, lo=0.01, hi=900)
     return SkyflowSettings(
         vault_url=f"{scheme}://{netloc}/v1/vaults/{vault_id}",
         vault_id=vault_id,
@@ -191,25 +162,21 @@ def parse_url(url: str, *, cache_size: int = 1_000_000) -> SkyflowSettings:
         mapping=mapping,
         policy=policy,
         mode=mode,
-        batch_size=_number(params, "batch_size", DEFAULT_BATCH_SIZE, lo=1, hi=1000,
-                           integer=True),
-        detokenize_batch_size=_number(params, "detokenize_batch_size",
-                                      DEFAULT_DETOKENIZE_BATCH_SIZE, lo=1, hi=1000,
-                                      integer=True),
-        concurrency=_number(params, "concurrency", DEFAULT_CONCURRENCY, lo=1, hi=64,
-                            integer=True),
-        connect_timeout=_number(params, "connect_timeout", DEFAULT_CONNECT_TIMEOUT,
-                                lo=0.01, hi=120),
+        batch_size=parsed.integer("batch_size", DEFAULT_BATCH_SIZE, lo=1, hi=1000),
+        detokenize_batch_size=parsed.integer("detokenize_batch_size",
+                                             DEFAULT_DETOKENIZE_BATCH_SIZE, lo=1, hi=1000),
+        concurrency=parsed.integer("concurrency", DEFAULT_CONCURRENCY, lo=1, hi=64),
+        connect_timeout=parsed.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT,
+                                      lo=0.01, hi=120),
         read_timeout=read_timeout,
-        retries=_number(params, "retries", DEFAULT_RETRIES, lo=0, hi=20, integer=True),
-        backoff=_number(params, "backoff", DEFAULT_BACKOFF, lo=0, hi=60),
-        max_retry_after=_number(params, "max_retry_after", DEFAULT_MAX_RETRY_AFTER,
-                                lo=0, hi=600),
-        refresh_margin=_number(params, "refresh_margin", DEFAULT_REFRESH_MARGIN,
-                               lo=0, hi=3000),
+        retries=parsed.integer("retries", DEFAULT_RETRIES, lo=0, hi=20),
+        backoff=parsed.number("backoff", DEFAULT_BACKOFF, lo=0, hi=60),
+        max_retry_after=parsed.number("max_retry_after", DEFAULT_MAX_RETRY_AFTER,
+                                      lo=0, hi=600),
+        refresh_margin=parsed.number("refresh_margin", DEFAULT_REFRESH_MARGIN, lo=0, hi=3000),
         ctx=ctx,
-        tokenize_role=_one(params, "tokenize_role") or None,
-        detokenize_role=_one(params, "detokenize_role") or None,
+        tokenize_role=one("tokenize_role") or None,
+        detokenize_role=one("detokenize_role") or None,
         cache_size=cache_size,
     )
 

@@ -50,13 +50,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .. import _audit
 from .. import keys as _keys
 from .._policy import strongest
+from .._url import parse_vault_url
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
 from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
 
@@ -658,24 +658,17 @@ class KmsKeyring(_keys.Keyring):
 
 
 def open_store(url: str) -> DynamoDBStore:
-    parts = urlsplit(url)
-    if parts.scheme.lower() != "dynamodb":
+    """``dynamodb://<table>?region=…&kms_key=…[&endpoint_url=…&workers=8]``."""
+    parsed = parse_vault_url(url, "DynamoDB",
+                             known=("region", "kms_key", "endpoint_url", "workers"))
+    if parsed.parts.scheme.lower() != "dynamodb":
         raise ConfigError("deid vault: a DynamoDB URL starts with dynamodb://")
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    unknown = set(query) - {"region", "kms_key", "endpoint_url", "workers"}
-    if unknown:
-        raise ConfigError(f"deid vault: unknown DynamoDB URL parameter(s) "
-                          f"{', '.join(sorted(unknown))}; expected region, kms_key, "
-                          "endpoint_url, workers")
-    try:
-        workers = int(query.get("workers", "8"))
-    except ValueError:
-        raise ConfigError("deid vault: workers= must be a number") from None
     return DynamoDBStore(
-        parts.netloc,
-        region=query.get("region") or os.environ.get("AWS_REGION")
+        parsed.parts.netloc,
+        # boto3's own fallbacks, read here so the URL's region wins over them
+        region=parsed.text("region") or os.environ.get("AWS_REGION")
         or os.environ.get("AWS_DEFAULT_REGION"),
-        kms_key=query.get("kms_key", ""),
-        endpoint_url=query.get("endpoint_url"),
-        workers=workers,
+        kms_key=parsed.text("kms_key") or "",
+        endpoint_url=parsed.text("endpoint_url"),
+        workers=parsed.integer("workers", 8, lo=1, hi=64),
     )

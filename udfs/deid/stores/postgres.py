@@ -34,11 +34,12 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from .. import _audit
 from .. import keys as _keys
 from .._policy import strongest
+from .._url import parse_vault_url
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
 from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore, check_key_versions
 
@@ -623,11 +624,10 @@ def _redact(url: str) -> str:
 
 
 def open_store(url: str) -> Psycopg2Store:
-    """``postgresql://…?schema=deid_vault&role=deid_vault`` → a psycopg2-backed store."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    ours = {k: v for k, v in query if k in _OUR_PARAMS}
-    rest = [(k, v) for k, v in query if k not in _OUR_PARAMS]
-    dsn = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(rest)))
-    return Psycopg2Store(dsn, schema=ours.get("schema") or DEFAULT_SCHEMA,
-                         role=ours.get("role") or None, url=_redact(url))
+    """``postgresql://…?schema=deid_vault&role=deid_vault`` → a psycopg2-backed store. Other
+    parameters go to libpq (connect_timeout, sslmode, …), under the same rule: once each."""
+    parsed = parse_vault_url(url, "PostgreSQL", known=None)
+    rest = [(k, v) for k, v in parsed.params.items() if k not in _OUR_PARAMS]
+    dsn = urlunsplit(parsed.parts._replace(scheme="postgresql", query=urlencode(rest)))
+    return Psycopg2Store(dsn, schema=parsed.text("schema") or DEFAULT_SCHEMA,
+                         role=parsed.text("role"), url=_redact(url))

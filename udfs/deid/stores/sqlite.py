@@ -15,12 +15,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from .. import _audit
 from .. import keys as _keys
 from .._policy import strongest
-from .._url import sqlite_path
+from .._url import parse_vault_url, sqlite_path
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
 from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore, check_key_versions
 
@@ -466,15 +465,8 @@ class SQLiteStore(VaultStore):
 
 def open_store(url: str) -> SQLiteStore:
     """``sqlite:///path[?synchronous=full|normal&cache_mib=64&mmap_mib=1024]``."""
-    params = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
-    unknown = set(params) - {"synchronous", "cache_mib", "mmap_mib"}
-    if unknown:
-        raise ConfigError(f"deid vault: unknown SQLite vault parameter(s) {sorted(unknown)}; "
-                          "expected synchronous, cache_mib, mmap_mib")
-    try:
-        cache_mib = int(params.get("cache_mib", 64))
-        mmap_mib = int(params.get("mmap_mib", 1024))
-    except ValueError:
-        raise ConfigError("deid vault: cache_mib and mmap_mib are integers (MiB)") from None
-    return SQLiteStore(sqlite_path(url), synchronous=params.get("synchronous", "full").lower(),
-                       cache_mib=cache_mib, mmap_mib=mmap_mib)
+    parsed = parse_vault_url(url, "SQLite", known=("synchronous", "cache_mib", "mmap_mib"))
+    return SQLiteStore(sqlite_path(url),
+                       synchronous=(parsed.text("synchronous") or "full").lower(),
+                       cache_mib=parsed.integer("cache_mib", 64, lo=0, hi=1 << 20),
+                       mmap_mib=parsed.integer("mmap_mib", 1024, lo=0, hi=1 << 20))
