@@ -45,6 +45,7 @@ def _deid(vault_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow  # rotating and minting processes, repeated until the race shows
 def test_concurrent_rotations_with_a_minting_process_lose_nothing(vault_path: Path,
                                                                   tmp_path: Path) -> None:
     svc = open_service_at(vault_path)

@@ -245,6 +245,7 @@ def _tokenize_in_process(args: tuple[str, list[str]]) -> list[str | None]:
     return fresh_service(Path(path), cache_size=0).tokenize("ssn", values)
 
 
+@pytest.mark.slow  # spawns processes
 def test_processes_racing_on_new_values_converge(vault_path: Path) -> None:
     values = [f"90{i // 10000 % 10}-{i // 100 % 100:02d}-{i:04d}" for i in range(3000)]
     # no keys yet: the processes also race to create the key file
