@@ -34,6 +34,7 @@ demo: $(VENV)/.demo profiles.yml
 test: $(VENV)/.dev
 	bash scripts/ensure_postgres.sh
 	$(BIN)/ruff check udfs tools tests scripts bench
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 # The unit tier: no dbt, no PostgreSQL, no server subprocess (well under 30 s).
@@ -43,6 +44,7 @@ test-fast: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(BIN)/ruff check udfs tools tests scripts bench
 	$(BIN)/sqlfluff lint models analyses
+	$(BIN)/mypy
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/bench.py

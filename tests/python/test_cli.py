@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from conftest import open_service_at
 from deid.cli import main
 from deid.service import VaultTokenService
 
+Cli = Callable[..., Result]
+
 
 @pytest.fixture
-def cli(vault_path: Path):  # type: ignore[no-untyped-def]
+def cli(vault_path: Path) -> Cli:
     runner = CliRunner()
     url = f"sqlite:///{vault_path}"
 
-    def run(*args: str, ok: bool = True):  # type: ignore[no-untyped-def]
+    def run(*args: str, ok: bool = True) -> Result:
         result = runner.invoke(main, [*args[:2], "--vault", url, *args[2:]]
                                if args[0] in ("keys", "audit") else [*args, "--vault", url])
         if ok:
@@ -28,13 +31,13 @@ def cli(vault_path: Path):  # type: ignore[no-untyped-def]
     return run
 
 
-def test_init_creates_vault_and_keys(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_init_creates_vault_and_keys(cli: Cli, vault_path: Path) -> None:
     out = cli("init").output
     assert "versions [1]" in out and vault_path.exists()
     assert (vault_path.parent / "vault.db.keys").stat().st_mode & 0o777 == 0o600
 
 
-def test_grant_revoke_and_principals_are_audited(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_grant_revoke_and_principals_are_audited(cli: Cli, vault_path: Path) -> None:
     assert "granted" in cli("grant", "pii_reader").output
     assert "already granted" in cli("grant", "pii_reader").output
     assert cli("principals").output.startswith("pii_reader\t")
@@ -46,7 +49,7 @@ def test_grant_revoke_and_principals_are_audited(cli, vault_path: Path) -> None:
     assert "3 records" in cli("audit", "verify").output
 
 
-def test_rotate_then_rewrap_keeps_tokens_and_values(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_rotate_then_rewrap_keeps_tokens_and_values(cli: Cli, vault_path: Path) -> None:
     svc = open_service_at(vault_path)
     tokens = svc.tokenize("email", [f"u{i}@example.com" for i in range(30)])
     assert "key version 2" in cli("keys", "rotate").output
@@ -58,7 +61,7 @@ def test_rotate_then_rewrap_keeps_tokens_and_values(cli, vault_path: Path) -> No
     assert after.detokenize(tokens, principal="p")[0] == "u0@example.com"
 
 
-def test_audit_verify_fails_on_tampering(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_audit_verify_fails_on_tampering(cli: Cli, vault_path: Path) -> None:
     cli("grant", "a")
     cli("grant", "b")
     db = sqlite3.connect(vault_path)
@@ -69,7 +72,7 @@ def test_audit_verify_fails_on_tampering(cli, vault_path: Path) -> None:  # type
     assert "record 1 was altered" in str(result.exception or result.output)
 
 
-def test_stats_counts_tokens_without_values(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_stats_counts_tokens_without_values(cli: Cli, vault_path: Path) -> None:
     open_service_at(vault_path).tokenize("ssn", ["901-23-4567", "901-23-4568", None])
     out = cli("stats", "--json").output
     data = json.loads(out)
@@ -81,9 +84,9 @@ def test_console_script_reports_errors_in_one_line(vault_path: Path,
     import subprocess
     import sys
 
-    from deid.keys import Keyring
+    from deid.keys import FileKeyring
 
-    env = {"DEID_KEYS": Keyring.generate().to_json(), "PATH": ""}
+    env = {"DEID_KEYS": FileKeyring.generate().to_json(), "PATH": ""}
     proc = subprocess.run([str(Path(sys.executable).with_name("deid")), "keys", "rotate",
                            "--vault", f"sqlite:///{vault_path}"], env=env, text=True,
                           capture_output=True, timeout=60)

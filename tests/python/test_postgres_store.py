@@ -109,7 +109,7 @@ def test_tokens_converge_across_stores_and_decrypt(cluster, store):
 
 def test_insert_returns_the_winner_and_reports_a_colliding_token(store):
     ring = store.keyring()
-    fp1, fp2 = ring.fingerprint("string", "one"), ring.fingerprint("string", "two")
+    fp1, fp2 = ring.fingerprints("string", ["one", "two"])
     v, blob = ring.encrypt("str_aaaaaaaaaaaaaaaaaaaaaaa1", "one")
     rec = postgres_store.NewRecord("string", fp1, "str_aaaaaaaaaaaaaaaaaaaaaaa1", "string", v, blob)
     assert store.insert_tokens([rec]) == {fp1: rec.token}
@@ -125,8 +125,8 @@ def test_keys_live_in_the_keyring_table_and_a_foreign_key_set_is_refused(cluster
     ring = store.keyring()
     stored = _sql(cluster, f"select keys from {SCHEMA}.keyring")
     assert len(stored) == 1
-    assert _keys.Keyring.from_json(stored[0][0], "t").check_value() == ring.check_value()
-    monkeypatch.setenv("DEID_KEYS", _keys.Keyring.generate().to_json())
+    assert _keys.FileKeyring.from_json(stored[0][0], "t").check_value() == ring.check_value()
+    monkeypatch.setenv("DEID_KEYS", _keys.FileKeyring.generate().to_json())
     fresh = open_store(cluster.url() + f"?schema={SCHEMA}")
     with pytest.raises(VaultKeyError, match="does not belong"):
         fresh.keyring()
@@ -226,7 +226,7 @@ def test_udf_failed_statement_rolls_back_its_vault_writes(cluster, store):
     assert info.value.pgcode == "22023"
     svc = VaultTokenService(store, cache_size=0)
     ring = store.keyring()
-    assert store.find_tokens("email", [ring.fingerprint("email", "dave@example.com")]) == {}
+    assert store.find_tokens("email", ring.fingerprints("email", ["dave@example.com"])) == {}
     assert svc.tokenize("email", ["dave@example.com"])[0]
 
 
@@ -372,7 +372,7 @@ def test_udf_sessions_minting_in_opposite_orders_do_not_deadlock(cluster):
 
 def _vaulted(store, email: str) -> bool:
     ring = store.keyring()
-    return bool(store.find_tokens("email", [ring.fingerprint("email", email)]))
+    return bool(store.find_tokens("email", ring.fingerprints("email", [email])))
 
 
 def test_udf_cache_does_not_outlive_a_rolled_back_exception_block(cluster, store):
@@ -467,8 +467,8 @@ def test_concurrent_rotations_make_one_version_and_old_writers_reload(cluster):
         assert (made_b, made_a) == (True, False) and ring_a.keys == ring_b.keys
         assert ring_a.current == seen + 1
         stale = VaultTokenService(open_store(url), cache_size=0)
-        stale.keyring = _keys.Keyring.from_json(
-            _keys.Keyring(ring_a.fingerprint_key, ring_a.audit_key,
+        stale.keyring = _keys.FileKeyring.from_json(
+            _keys.FileKeyring(ring_a.fingerprint_key, ring_a.audit_key,
                           {v: k for v, k in ring_a.keys.items() if v <= seen}, seen,
                           "stale copy").to_json(), "stale copy")
         stale.tokenize("name", ["After Rotation"])

@@ -13,6 +13,7 @@ import pytest
 from conftest import open_service_at as fresh_service
 from deid._cache import BoundedCache
 from deid.errors import (
+    AuditChainError,
     InvalidKindError,
     InvalidValueError,
     PermissionDeniedError,
@@ -151,11 +152,11 @@ def test_audit_chain_verifies_and_detects_edits_and_deletions(service: VaultToke
     record["principal"] = "someone_else"
     db.execute("update audit set record = ? where seq = 2", (json.dumps(record),))
     db.commit()
-    with pytest.raises(Exception, match="record 2 was altered"):
+    with pytest.raises(AuditChainError, match="record 2 was altered"):
         service.verify_audit()
     db.execute("delete from audit where seq = 2")
     db.commit()
-    with pytest.raises(Exception, match="record 2 is missing"):
+    with pytest.raises(AuditChainError, match="record 2 is missing"):
         service.verify_audit()
 
 
@@ -187,9 +188,9 @@ def test_missing_key_file_for_a_vault_with_records_is_refused(
 
 def test_keys_of_another_vault_are_refused(service: VaultTokenService, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from deid.keys import Keyring
+    from deid.keys import FileKeyring
 
-    monkeypatch.setenv("DEID_KEYS", Keyring.generate().to_json())
+    monkeypatch.setenv("DEID_KEYS", FileKeyring.generate().to_json())
     with pytest.raises(VaultKeyError, match="does not belong"):
         fresh_service(service.store.path)
 
@@ -205,9 +206,9 @@ def test_key_file_is_created_0600_and_group_readable_one_refused(
 
 
 def test_keys_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from deid.keys import Keyring
+    from deid.keys import FileKeyring
 
-    monkeypatch.setenv("DEID_KEYS", Keyring.generate().to_json())
+    monkeypatch.setenv("DEID_KEYS", FileKeyring.generate().to_json())
     svc = fresh_service(tmp_path / "v.db")
     assert svc.keyring.source == "DEID_KEYS"
     assert not key_file_for(tmp_path / "v.db").exists()

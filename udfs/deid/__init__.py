@@ -6,6 +6,7 @@ and vault backends are modules of their own.
 """
 
 from .errors import (
+    AuditChainError,
     ConfigError,
     DeidError,
     InvalidKindError,
@@ -21,6 +22,7 @@ from .vault import VaultConfig, open_service
 
 __all__ = [
     "KINDS",
+    "AuditChainError",
     "ConfigError",
     "DeidError",
     "InvalidKindError",

@@ -26,13 +26,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import DeidError
+from .errors import AuditChainError
 
 GENESIS = "0" * 64
-
-
-class AuditChainError(DeidError):
-    """The audit log does not verify: a record was altered, removed, reordered or forged."""
 
 
 class _Duplicate(ValueError):
@@ -189,7 +185,7 @@ def read_head(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise AuditChainError(f"deid audit: the head file {path} does not exist (take a "
                               "checkpoint first: deid audit checkpoint --head …)") from None
-    out = []
+    out: list[dict[str, Any]] = []
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue

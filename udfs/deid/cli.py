@@ -50,7 +50,7 @@ def init(vault: str | None, transformers: tuple[str, ...]) -> None:
     """Create the vault and its keys (idempotent); tokenize is denied until granted."""
     svc = _service(vault)
     click.echo(f"vault: {svc.store.url}")
-    click.echo(f"keys:  {svc.keyring.source} (versions {sorted(svc.keyring.keys)}, "
+    click.echo(f"keys:  {svc.keyring.source} (versions {svc.keyring.versions}, "
                f"current {svc.keyring.current})")
     for principal in transformers:
         _grant(svc, principal, "tokenize", ALL_DOMAINS)
@@ -137,7 +137,7 @@ def keys_show(vault: str | None) -> None:
     """Key versions in use (never key material)."""
     svc = _service(vault)
     click.echo(f"source:   {svc.keyring.source}")
-    click.echo(f"versions: {sorted(svc.keyring.keys)} (current {svc.keyring.current})")
+    click.echo(f"versions: {svc.keyring.versions} (current {svc.keyring.current})")
     click.echo(f"records by version: {json.dumps(svc.store.stats()['key_versions'])}")
 
 
@@ -151,7 +151,7 @@ def keys_rotate(vault: str | None) -> None:
     if made:
         svc.audit("keys.rotate", _admin(), f"current={ring.current}", host="cli")
         click.echo(f"rotated: new values are encrypted with key version {ring.current}; "
-                   f"versions {sorted(ring.keys)} kept in {ring.source}")
+                   f"versions {ring.versions} kept in {ring.source}")
     else:
         click.echo(f"not rotated: another rotation made key version {ring.current} just now "
                    "(one new version is what was asked for)")
@@ -200,7 +200,7 @@ def keys_retire(vault: str | None, version: int) -> None:
     svc = _service(vault)
     ring = svc.store.retire_key_version(version)
     svc.audit("keys.retire", _admin(), f"retired={version}", host="cli")
-    click.echo(f"retired key version {version}; versions {sorted(ring.keys)} remain "
+    click.echo(f"retired key version {version}; versions {ring.versions} remain "
                f"(current {ring.current})")
 
 

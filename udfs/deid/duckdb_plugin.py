@@ -31,6 +31,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+from duckdb import func
 from duckdb.sqltypes import VARCHAR
 
 from .errors import InvalidKindError
@@ -53,11 +54,13 @@ def register(conn: duckdb.DuckDBPyConnection,
     connecting (dbt parse, compile, lint) never touches the vault, and an unavailable vault
     fails the query that needed it.
     """
-    if callable(service) and not hasattr(service, "tokenize"):
-        factory = service
-    else:
+    if isinstance(service, TokenService):
+        ready = service
+
         def factory() -> TokenService:
-            return service  # type: ignore[return-value]
+            return ready
+    else:
+        factory = service
 
     def tokenize(values: pa.Array | pa.ChunkedArray, kinds: pa.Array | pa.ChunkedArray) -> pa.Array:
         distinct = pc.unique(kinds).to_pylist()
@@ -98,11 +101,11 @@ def _create(conn: duckdb.DuckDBPyConnection, name: str, fn: Any, params: list[An
             side_effects: bool) -> None:
     with contextlib.suppress(duckdb.InvalidInputException, duckdb.CatalogException):
         conn.remove_function(name)
-    conn.create_function(name, fn, params, VARCHAR, type="arrow", null_handling="special",
-                         side_effects=side_effects)
+    conn.create_function(name, fn, params, VARCHAR, type=func.ARROW,
+                         null_handling=func.SPECIAL, side_effects=side_effects)
 
 
-class Plugin(BasePlugin):  # type: ignore[misc,valid-type]
+class Plugin(BasePlugin):
     """dbt-duckdb calls `initialize` once with the plugin config, then `configure_connection`."""
 
     def initialize(self, plugin_config: dict[str, Any]) -> None:

@@ -52,6 +52,15 @@ class PermissionDeniedError(DeidError):
 class VaultUnavailableError(DeidError):
     """The vault store or its keys cannot be reached or read; nothing was written."""
 
+    #: The PostgreSQL error code behind it, when there is one (the plpython3u host reports
+    #: it as the statement's SQLSTATE, so a deadlock or a lock timeout stays one).
+    sqlstate: str | None = None
+
+
+class AuditChainError(DeidError):
+    """The audit log does not verify: a record was altered, removed, reordered or forged.
+    Names the first bad record's sequence number, never its content."""
+
 
 class VaultKeyError(DeidError):
     """The keys do not belong to this vault, or a key version is missing."""

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -54,9 +54,85 @@ def _unb64(text: str, what: str) -> bytes:
     return raw
 
 
+class Keyring(Protocol):
+    """What the token service, the CLI and the stores use of a vault's keys.
+
+    Two implementations: `FileKeyring` (the key material itself: a key file, ``DEID_KEYS``
+    or a PostgreSQL keyring row) and `deid.stores.dynamodb.KmsKeyring` (keys KMS-wrapped in
+    the vault table, each unwrapped on first use under its own encryption context).
+    """
+
+    @property
+    def source(self) -> str:
+        """Where the keys come from, for messages (a path, ``DEID_KEYS``, ``kms:<key>``)."""
+
+    @property
+    def current(self) -> int:
+        """The key version that encrypts new values (0: none chosen yet)."""
+
+    @property
+    def versions(self) -> list[int]:
+        """The key versions this keyring holds (or has loaded), ascending."""
+
+    def check_value(self) -> str:
+        """Identifies the fingerprint key without revealing it; stored in the vault."""
+
+    def fingerprints(self, domain: str, match_keys: list[str]) -> list[bytes]:
+        """HMAC-SHA256(fingerprint key, domain NUL match key) for each match key."""
+
+    def encrypt(self, token: str, canonical: str) -> tuple[int, bytes]:
+        """(key version, nonce ‖ ciphertext) bound to the token."""
+
+    def decrypt(self, token: str, version: int, blob: bytes) -> str:
+        """The value; VaultKeyError for a missing version or a record that fails to verify."""
+
+    def chain(self, prev_hash: str, record: dict[str, Any]) -> str:
+        """The audit chain's hash of `record` after `prev_hash`."""
+
+
+# -- the cryptography, shared by every Keyring --------------------------------------------
+
+
+def check_value_of(fingerprint_key: bytes) -> str:
+    return hmac.new(fingerprint_key, b"deid key check v1", hashlib.sha256).hexdigest()
+
+
+def fingerprints_under(fingerprint_key: bytes, domain: str, match_keys: list[str]) -> list[bytes]:
+    """HMAC-SHA256(fingerprint_key, domain NUL match_key) for each key (batch: hot path)."""
+    digest, prefix = hmac.digest, domain.encode() + b"\x00"
+    return [digest(fingerprint_key, prefix + m.encode("utf-8", "surrogatepass"), "sha256")
+            for m in match_keys]
+
+
+def encrypt_under(aead: AESGCM, version: int, token: str, canonical: str) -> tuple[int, bytes]:
+    """(version, nonce ‖ ciphertext), bound to the token so records cannot be swapped."""
+    nonce = os.urandom(_NONCE)
+    ct = aead.encrypt(nonce, canonical.encode("utf-8", "surrogatepass"), _aad(token, version))
+    return version, nonce + ct
+
+
+def decrypt_under(aead: AESGCM | None, version: int, token: str, blob: bytes,
+                  source: str) -> str:
+    if aead is None:
+        raise VaultKeyError(f"deid keys: key version {version} is not in {source}; "
+                            "restore it (rotation keeps old versions for this reason)")
+    try:
+        raw = aead.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(token, version))
+    except InvalidTag:
+        raise VaultKeyError("deid keys: a vault record failed authentication (tampered "
+                            "record or wrong key)") from None
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def chain_under(audit_key: bytes, prev_hash: str, record: dict[str, Any]) -> str:
+    body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(audit_key, prev_hash.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+
+
 @dataclass
-class Keyring:
-    """The key material of one vault. Build with `Keyring.generate()` or `Keyring.from_json()`."""
+class FileKeyring:
+    """The key material of one vault, held in memory: read from a key file, ``DEID_KEYS`` or
+    a PostgreSQL keyring row. Build with `generate()` or `from_json()`."""
 
     fingerprint_key: bytes
     audit_key: bytes
@@ -71,18 +147,22 @@ class Keyring:
         self._aead = {v: AESGCM(k) for v, k in self.keys.items()}
 
     def __repr__(self) -> str:  # never print key material
-        return (f"Keyring(versions={sorted(self.keys)}, current={self.current}, "
+        return (f"FileKeyring(versions={self.versions}, current={self.current}, "
                 f"source={self.source!r})")
+
+    @property
+    def versions(self) -> list[int]:
+        return sorted(self.keys)
 
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def generate(cls, source: str = "memory") -> Keyring:
+    def generate(cls, source: str = "memory") -> FileKeyring:
         return cls(secrets.token_bytes(32), secrets.token_bytes(32), {1: secrets.token_bytes(32)},
                    1, source)
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> Keyring:
+    def from_json(cls, text: str, source: str) -> FileKeyring:
         try:
             doc = json.loads(text)
             if doc.get("format") != _FORMAT:
@@ -104,60 +184,37 @@ class Keyring:
             "keys": {str(v): _b64(k) for v, k in sorted(self.keys.items())},
         }, indent=2) + "\n"
 
-    def rotated(self) -> Keyring:
+    def rotated(self) -> FileKeyring:
         """A copy with a new current encryption key; fingerprint and audit keys unchanged."""
         version = max(self.keys) + 1
         keys = {**self.keys, version: secrets.token_bytes(32)}
-        return Keyring(self.fingerprint_key, self.audit_key, keys, version, self.source)
+        return FileKeyring(self.fingerprint_key, self.audit_key, keys, version, self.source)
 
-    def without(self, version: int) -> Keyring:
+    def without(self, version: int) -> FileKeyring:
         """A copy without key `version` (retired); the current version cannot be retired."""
         if version == self.current:
             raise VaultKeyError(f"deid keys: version {version} is the current key; rotate first")
         if version not in self.keys:
             raise VaultKeyError(f"deid keys: version {version} is not in {self.source}")
         keys = {v: k for v, k in self.keys.items() if v != version}
-        return Keyring(self.fingerprint_key, self.audit_key, keys, self.current, self.source)
+        return FileKeyring(self.fingerprint_key, self.audit_key, keys, self.current, self.source)
 
-    # -- use -------------------------------------------------------------------------------
+    # -- use (the Keyring protocol) -------------------------------------------------------
 
     def check_value(self) -> str:
-        """Identifies the fingerprint key without revealing it; stored in the vault."""
-        return hmac.new(self.fingerprint_key, b"deid key check v1", hashlib.sha256).hexdigest()
-
-    def fingerprint(self, domain: str, match_key: str) -> bytes:
-        return self.fingerprints(domain, [match_key])[0]
+        return check_value_of(self.fingerprint_key)
 
     def fingerprints(self, domain: str, match_keys: list[str]) -> list[bytes]:
-        """HMAC-SHA256(fingerprint_key, domain NUL match_key) for each key (batch: hot path)."""
-        digest, key, prefix = hmac.digest, self.fingerprint_key, domain.encode() + b"\x00"
-        return [digest(key, prefix + m.encode("utf-8", "surrogatepass"), "sha256")
-                for m in match_keys]
+        return fingerprints_under(self.fingerprint_key, domain, match_keys)
 
     def encrypt(self, token: str, canonical: str) -> tuple[int, bytes]:
-        """(key version, nonce ‖ ciphertext) bound to the token, so records cannot be swapped."""
-        v = self.current
-        nonce = os.urandom(_NONCE)
-        ct = self._aead[v].encrypt(nonce, canonical.encode("utf-8", "surrogatepass"),
-                                   _aad(token, v))
-        return v, nonce + ct
+        return encrypt_under(self._aead[self.current], self.current, token, canonical)
 
     def decrypt(self, token: str, version: int, blob: bytes) -> str:
-        aead = self._aead.get(version)
-        if aead is None:
-            raise VaultKeyError(f"deid keys: key version {version} is not in {self.source}; "
-                                "restore it (rotation keeps old versions for this reason)")
-        try:
-            raw = aead.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(token, version))
-        except InvalidTag:
-            raise VaultKeyError("deid keys: a vault record failed authentication (tampered "
-                                "record or wrong key)") from None
-        return raw.decode("utf-8", "surrogatepass")
+        return decrypt_under(self._aead.get(version), version, token, blob, self.source)
 
     def chain(self, prev_hash: str, record: dict[str, Any]) -> str:
-        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-        return hmac.new(self.audit_key, prev_hash.encode() + b"\n" + body,
-                        hashlib.sha256).hexdigest()
+        return chain_under(self.audit_key, prev_hash, record)
 
 
 def _aad(token: str, version: int) -> bytes:
@@ -175,7 +232,7 @@ def key_file_for(vault_path: Path) -> Path:
     return vault_path.with_name(vault_path.name + ".keys")
 
 
-def load_or_create(key_file: Path, *, create: bool) -> Keyring:
+def load_or_create(key_file: Path, *, create: bool) -> FileKeyring:
     """Read the key file, or create it (0600, atomically, race-safe) when `create` is set.
 
     Creation is decided by the caller: only a vault that holds no records yet may get new
@@ -183,7 +240,7 @@ def load_or_create(key_file: Path, *, create: bool) -> Keyring:
     """
     env = os.environ.get("DEID_KEYS")
     if env:
-        return Keyring.from_json(env, "DEID_KEYS")
+        return FileKeyring.from_json(env, "DEID_KEYS")
     with _lock:
         try:
             return _read_key_file(key_file)
@@ -193,7 +250,7 @@ def load_or_create(key_file: Path, *, create: bool) -> Keyring:
                     f"deid keys: key file {key_file} is missing and the vault already holds "
                     "records; restore the key file or set DEID_KEYS (refusing to create new "
                     "keys, which would mint different tokens)") from None
-        ring = Keyring.generate(str(key_file))
+        ring = FileKeyring.generate(str(key_file))
         write_key_file(key_file, ring, exclusive=True)
         # Another process may have won the race: whatever is on disk is the vault's key set.
         return _read_key_file(key_file)
@@ -213,7 +270,7 @@ def key_file_lock(key_file: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def read_key_file(key_file: Path) -> Keyring:
+def read_key_file(key_file: Path) -> FileKeyring:
     """The key set on disk now (not a process's copy)."""
     try:
         return _read_key_file(key_file)
@@ -221,16 +278,16 @@ def read_key_file(key_file: Path) -> Keyring:
         raise VaultKeyError(f"deid keys: key file {key_file} is missing") from None
 
 
-def _read_key_file(key_file: Path) -> Keyring:
+def _read_key_file(key_file: Path) -> FileKeyring:
     st = key_file.stat()
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise VaultKeyError(
             f"deid keys: key file {key_file} is readable by group or others; "
             f"run: chmod 600 {key_file}")
-    return Keyring.from_json(key_file.read_text(), str(key_file))
+    return FileKeyring.from_json(key_file.read_text(), str(key_file))
 
 
-def write_key_file(key_file: Path, ring: Keyring, *, exclusive: bool) -> None:
+def write_key_file(key_file: Path, ring: FileKeyring, *, exclusive: bool) -> None:
     """Write via a 0600 temp file; `exclusive` links it in only if no file exists yet."""
     key_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = key_file.with_name(f".{key_file.name}.{os.getpid()}.{secrets.token_hex(4)}")

@@ -174,10 +174,11 @@ class RedshiftUDF:
                 row = distinct[values[exc.row - 1]] + 1 if exc.row else None
                 raise InvalidValueError(exc.kind, exc.reason, row=row,
                                         column=exc.column) from None
-            if len(tokens) != len(values) or any(not isinstance(t, str) for t in tokens):
-                raise ProtocolError(f"deid.tokenize: the vault returned {len(tokens)} tokens "
+            answered = [t for t in tokens if isinstance(t, str)]
+            if len(answered) != len(values) or len(tokens) != len(values):
+                raise ProtocolError(f"deid.tokenize: the vault returned {len(answered)} tokens "
                                     f"for {len(values)} values of kind {kind[:40]!r}")
-            token_of[kind] = dict(zip(values, tokens, strict=True))
+            token_of[kind] = dict(zip(values, answered, strict=True))
         # A container may be frozen or dropped after any invocation: no aggregate waits.
         self.service.flush_audit()
         return [None if row is None or row[0] is None else token_of[row[1]][row[0]]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from . import _audit
 from . import kinds as _kinds
@@ -40,6 +40,7 @@ def _first_row(tokens: list[str | None], bad: list[Any]) -> int:
     return next(i for i, t in enumerate(tokens) if t in wanted) + 1
 
 
+@runtime_checkable
 class TokenService(Protocol):
     """What a UDF host needs. Implemented by `VaultTokenService` and by external vaults.
 
@@ -295,7 +296,7 @@ class VaultTokenService:
         try:
             return self.keyring.decrypt(token, value.key_version, value.ciphertext)
         except VaultKeyError:
-            if value.key_version in self.keyring.keys:
+            if value.key_version in self.keyring.versions:
                 raise
             # Keys were rotated by another process since this one loaded them.
             reload = getattr(self.store, "reload_keyring", None)

@@ -63,7 +63,7 @@ class SkyflowTokenService:
         self.client = SkyflowClient(settings, credentials or load_credentials(
             settings.credentials), clock=clock)
         self._policy = policy_store
-        if self._policy is None and settings.policy not in (None, "skyflow"):
+        if self._policy is None and settings.policy is not None and settings.policy != "skyflow":
             self._policy = open_store(settings.policy)
         self._keyring = self._policy.keyring() if self._policy is not None else None
         # policy=skyflow (no store): both policies and the audit are Skyflow's roles and log.

@@ -8,6 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import kinds as _kinds
 from .._url import parse_vault_url, scheme_of
@@ -185,6 +186,13 @@ def _spec_key(spec: _kinds.KindSpec) -> str:
     return spec.name if spec.domain == spec.name else f"{spec.name}:{spec.domain}"
 
 
+def _mapped_name(path: Path, key: Any, what: str, name: Any) -> str:
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):
+        raise ConfigError(f"deid skyflow: mapping file {path}: {key!r} has no valid "
+                          f"{what} name (letters, digits, _)")
+    return name
+
+
 def load_mapping(path: str | None) -> dict[str, Target]:
     """Defaults, overlaid by a JSON or YAML file of ``{"<kind spec>": {table, column,
     column_group?}}`` or ``{"<kind spec>": "table.column"}``."""
@@ -216,17 +224,14 @@ def load_mapping(path: str | None) -> dict[str, Target]:
             raise ConfigError(f"deid skyflow: mapping file {p}: {str(key)[:40]!r} is not a "
                               "kind spec (kind or kind:domain)") from None
         if isinstance(entry, str):
-            table, _, column = entry.partition(".")
-            entry = {"table": table, "column": column}
+            spelled_table, _, spelled_column = entry.partition(".")
+            entry = {"table": spelled_table, "column": spelled_column}
         if not isinstance(entry, dict):
             raise ConfigError(f"deid skyflow: mapping file {p}: {key!r} must be "
                               "'table.column' or {table, column, column_group}")
-        table, column = entry.get("table"), entry.get("column")
+        table, column = (_mapped_name(p, key, what, entry.get(what))
+                         for what in ("table", "column"))
         group = entry.get("column_group")
-        for what, name in (("table", table), ("column", column)):
-            if not isinstance(name, str) or not _IDENT.fullmatch(name):
-                raise ConfigError(f"deid skyflow: mapping file {p}: {key!r} has no valid "
-                                  f"{what} name (letters, digits, _)")
         if group is not None and (not isinstance(group, str) or not _IDENT.fullmatch(group)):
             raise ConfigError(f"deid skyflow: mapping file {p}: {key!r} has an invalid "
                               "column_group name")

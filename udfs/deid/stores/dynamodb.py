@@ -256,7 +256,7 @@ class DynamoDBStore(VaultStore):
     def _load_keyring(self) -> KmsKeyring:
         return KmsKeyring(self)
 
-    def reload_keyring(self) -> KmsKeyring:
+    def reload_keyring(self) -> _keys.Keyring:
         return self.keyring()  # versions are resolved on demand; nothing to reload
 
     def retire_key_version(self, version: int) -> _keys.Keyring:
@@ -579,82 +579,76 @@ class DynamoDBStore(VaultStore):
         }
 
 
-class KmsKeyring(_keys.Keyring):
-    """A `Keyring` whose keys live KMS-wrapped in the table and are unwrapped on first use,
-    each with its own encryption context, so a role holds only the KMS rights it uses."""
+class KmsKeyring:
+    """The `Keyring` of a DynamoDB vault: its keys live KMS-wrapped in the table and are
+    unwrapped on first use, each with its own encryption context, so a role holds only the
+    KMS rights it uses (tokenize never unwraps a data key, detokenize never the fingerprint
+    key)."""
 
-    def __init__(self, store: DynamoDBStore) -> None:  # deliberately not the dataclass init
+    def __init__(self, store: DynamoDBStore) -> None:
         self._store = store
         self._lock = threading.RLock()
         self.source = f"kms:{store.kms_key}"
-        self.fingerprint_key = b""
-        self.audit_key = b""
-        self.keys: dict[int, bytes] = {}
-        self.current = 0
+        self.current = 0  # no data key until this container encrypts its first value
+        self._fingerprint_key = b""
+        self._audit_key = b""
         self._aead: dict[int, AESGCM] = {}
         self._encryptions = 0
 
     def __repr__(self) -> str:
-        return f"KmsKeyring(loaded_versions={sorted(self.keys)}, source={self.source!r})"
+        return f"KmsKeyring(loaded_versions={self.versions}, source={self.source!r})"
 
-    def _fingerprint_key(self) -> bytes:
-        if not self.fingerprint_key:
+    @property
+    def versions(self) -> list[int]:
+        """The data-key versions this container has unwrapped or made."""
+        return sorted(self._aead)
+
+    def _fingerprint(self) -> bytes:
+        if not self._fingerprint_key:
             with self._lock:
-                if not self.fingerprint_key:
-                    self.fingerprint_key = self._store.secret_key(
+                if not self._fingerprint_key:
+                    self._fingerprint_key = self._store.secret_key(
                         "fingerprint_key",
                         may_create=lambda: not self._store._has_items("fp#"))
-        return self.fingerprint_key
+        return self._fingerprint_key
 
-    def _audit_key(self) -> bytes:
-        if not self.audit_key:
+    def _audit(self) -> bytes:
+        if not self._audit_key:
             with self._lock:
-                if not self.audit_key:
-                    self.audit_key = self._store.secret_key(
+                if not self._audit_key:
+                    self._audit_key = self._store.secret_key(
                         "audit_key", may_create=lambda: self._store._get("audit#head") is None)
-        return self.audit_key
+        return self._audit_key
 
-    def _add(self, version: int, key: bytes) -> None:
-        self.keys[version] = key
-        self._aead[version] = AESGCM(key)
-
-    # -- the Keyring interface the token service uses ----------------------------------------
-
-    def fingerprints(self, domain: str, match_keys: list[str]) -> list[bytes]:
-        self._fingerprint_key()
-        return super().fingerprints(domain, match_keys)
+    # -- the Keyring protocol -----------------------------------------------------------------
 
     def check_value(self) -> str:
-        self._fingerprint_key()
-        return super().check_value()
+        return _keys.check_value_of(self._fingerprint())
+
+    def fingerprints(self, domain: str, match_keys: list[str]) -> list[bytes]:
+        return _keys.fingerprints_under(self._fingerprint(), domain, match_keys)
 
     def encrypt(self, token: str, canonical: str) -> tuple[int, bytes]:
         with self._lock:
             if not self.current or self._encryptions >= _MAX_ENCRYPTIONS_PER_KEY:
                 version, key = self._store.new_data_key()
-                self._add(version, key)
+                self._aead[version] = AESGCM(key)
                 self.current, self._encryptions = version, 0
             self._encryptions += 1
-        return super().encrypt(token, canonical)
+            version, aead = self.current, self._aead[self.current]
+        return _keys.encrypt_under(aead, version, token, canonical)
 
     def decrypt(self, token: str, version: int, blob: bytes) -> str:
-        if version not in self._aead:
+        aead = self._aead.get(version)
+        if aead is None:
             with self._lock:
-                if version not in self._aead:
-                    self._add(version, self._store.data_key(version))
-        return super().decrypt(token, version, blob)
+                aead = self._aead.get(version)
+                if aead is None:
+                    aead = self._aead[version] = AESGCM(self._store.data_key(version))
+        return _keys.decrypt_under(aead, version, token, blob, self.source)
 
     def chain(self, prev_hash: str, record: dict[str, Any]) -> str:
-        self._audit_key()
-        return super().chain(prev_hash, record)
-
-    def to_json(self) -> str:
-        raise ConfigError("deid keys: a DynamoDB vault's keys stay wrapped by KMS and cannot be "
-                          "exported")
-
-    def rotated(self) -> _keys.Keyring:
-        raise ConfigError("deid keys: a DynamoDB vault rotates data keys by itself (a new key "
-                          "version per tokenize container); rotate the KMS key in KMS")
+        return _keys.chain_under(self._audit(), prev_hash, record)
 
 
 def open_store(url: str) -> DynamoDBStore:

@@ -202,12 +202,12 @@ class _PgStore(VaultStore):
 
     # -- keys -----------------------------------------------------------------------------
 
-    def _load_keyring(self) -> _keys.Keyring:
+    def _load_keyring(self) -> _keys.FileKeyring:
         source = f"the {self.schema}.keyring table"
         env = os.environ.get("DEID_KEYS")
         with self._atomic() as run:
             if env:
-                ring = _keys.Keyring.from_json(env, "DEID_KEYS")
+                ring = _keys.FileKeyring.from_json(env, "DEID_KEYS")
             else:
                 row = run("keyring_get", ())
                 if not row:
@@ -217,9 +217,9 @@ class _PgStore(VaultStore):
                             "records; restore the keyring row or set DEID_KEYS (refusing to "
                             "create new keys, which would mint different tokens)")
                     # Two first sessions converge: one row wins, both read it back.
-                    run("keyring_put", (_keys.Keyring.generate(source).to_json(),))
+                    run("keyring_put", (_keys.FileKeyring.generate(source).to_json(),))
                     row = run("keyring_get", ())
-                ring = _keys.Keyring.from_json(row[0][0], source)
+                ring = _keys.FileKeyring.from_json(row[0][0], source)
             check = ring.check_value()
             # Written once; read-only afterwards, so lookups work in read-only transactions.
             stored_rows = run("check_get", ())
@@ -233,7 +233,7 @@ class _PgStore(VaultStore):
                 f"{self.schema} (its fingerprint key differs); use the vault's own keys")
         return ring
 
-    def rotate_keyring(self, seen_current: int) -> tuple[_keys.Keyring, bool]:
+    def rotate_keyring(self, seen_current: int) -> tuple[_keys.FileKeyring, bool]:
         with self._atomic() as run:
             ring = self._locked_keyring(run)
             made = ring.current == seen_current
@@ -243,7 +243,7 @@ class _PgStore(VaultStore):
         self.reload_keyring()
         return ring, made
 
-    def retire_key_version(self, version: int) -> _keys.Keyring:
+    def retire_key_version(self, version: int) -> _keys.FileKeyring:
         with self._atomic() as run:
             ring = self._locked_keyring(run).without(version)
             left = run("version_count", (version,))[0][0]
@@ -254,12 +254,12 @@ class _PgStore(VaultStore):
         self.reload_keyring()
         return ring
 
-    def _locked_keyring(self, run: Run) -> _keys.Keyring:
+    def _locked_keyring(self, run: Run) -> _keys.FileKeyring:
         row = run("keyring_lock", ())
         if not row:
             raise VaultKeyError(f"deid keys: the vault in schema {self.schema} keeps its keys "
                                 "in DEID_KEYS, not in its keyring table; rotate them there")
-        ring = _keys.Keyring.from_json(row[0][0], f"the {self.schema}.keyring table")
+        ring = _keys.FileKeyring.from_json(row[0][0], f"the {self.schema}.keyring table")
         if ring.check_value() != self.keyring().check_value():
             raise VaultKeyError("deid keys: the keyring table holds a different fingerprint "
                                 "key than this vault's (every token would change)")
@@ -448,7 +448,7 @@ class SpiStore(_PgStore):
             err = VaultUnavailableError(
                 f"deid vault: statement {name!r} on schema {self.schema} failed: "
                 f"{_primary(exc)} (SQLSTATE {sqlstate or 'unknown'}){_fix(sqlstate)}")
-            err.sqlstate = getattr(exc, "sqlstate", None)  # type: ignore[attr-defined]
+            err.sqlstate = sqlstate
             raise err from None
 
     def _run(self, name: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:

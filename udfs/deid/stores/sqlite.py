@@ -20,7 +20,7 @@ from .. import _audit
 from .. import keys as _keys
 from .._policy import strongest
 from .._url import parse_vault_url, sqlite_path
-from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
+from ..errors import AuditChainError, ConfigError, VaultKeyError, VaultUnavailableError
 from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore, check_key_versions
 
 _SCHEMA_VERSION = "1"
@@ -210,7 +210,7 @@ class SQLiteStore(VaultStore):
 
     # -- keys -----------------------------------------------------------------------------
 
-    def rotate_keyring(self, seen_current: int) -> tuple[_keys.Keyring, bool]:
+    def rotate_keyring(self, seen_current: int) -> tuple[_keys.FileKeyring, bool]:
         key_file = _keys.require_file_source(self.keyring())
         with _keys.key_file_lock(key_file):
             on_disk = self._own(_keys.read_key_file(key_file))
@@ -225,7 +225,7 @@ class SQLiteStore(VaultStore):
         self.reload_keyring()
         return ring, made
 
-    def retire_key_version(self, version: int) -> _keys.Keyring:
+    def retire_key_version(self, version: int) -> _keys.FileKeyring:
         key_file = _keys.require_file_source(self.keyring())
         with _keys.key_file_lock(key_file):
             ring = self._own(_keys.read_key_file(key_file)).without(version)
@@ -240,7 +240,7 @@ class SQLiteStore(VaultStore):
         self.reload_keyring()
         return ring
 
-    def _own(self, ring: _keys.Keyring) -> _keys.Keyring:
+    def _own(self, ring: _keys.FileKeyring) -> _keys.FileKeyring:
         if ring.check_value() != self.keyring().check_value():
             raise VaultKeyError("deid keys: the key file now holds a different fingerprint key "
                                 "(every token would change); restore the vault's own key file")
@@ -252,7 +252,7 @@ class SQLiteStore(VaultStore):
                    "set value = excluded.value where cast(value as integer) < "
                    "cast(excluded.value as integer)", (str(version),))
 
-    def _load_keyring(self) -> _keys.Keyring:
+    def _load_keyring(self) -> _keys.FileKeyring:
         empty = not self._read("select 1 from tokens limit 1") and not self._read(
             "select 1 from meta where key = 'key_check'")
         ring = _keys.load_or_create(_keys.key_file_for(self.path), create=empty)
@@ -408,7 +408,7 @@ class SQLiteStore(VaultStore):
                 digest = seal(prev, record)
             else:
                 if state[0] != seq:
-                    raise _audit.AuditChainError(
+                    raise AuditChainError(
                         f"deid audit: the vault's audit signing state is at record {state[0]} "
                         f"but the log's next record is {seq}: records were removed or the "
                         "state was replaced (run deid audit verify)")
@@ -441,7 +441,7 @@ class SQLiteStore(VaultStore):
         def finish(n: int, _head: str) -> None:
             # The state moved one step per record: a log cut after record n leaves it ahead.
             if state != (n + 1, _audit.key_at(first, n + 1)):
-                raise _audit.AuditChainError(
+                raise AuditChainError(
                     f"deid audit: the log ends at record {n} but the vault's signing state is "
                     f"at record {state[0]}: the newest records were removed (or the state "
                     "was replaced)")
