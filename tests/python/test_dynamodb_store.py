@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -240,12 +241,11 @@ def test_concurrent_audit_appends_stay_one_chain(vault_url: str) -> None:
     tokens = s.tokenize("email", ["a@b.co"])
     s.store.grant("reader", "test")
     readers = [service(vault_url) for _ in range(5)]
-    threads = [threading.Thread(target=r.detokenize, args=(tokens,),
-                                kwargs={"principal": "reader"}) for r in readers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # Through futures, so a reader that fails fails the test with its own error (a thread's
+    # exception would only show up as a missing record).
+    with ThreadPoolExecutor(max_workers=len(readers)) as pool:
+        done = [pool.submit(r.detokenize, tokens, principal="reader") for r in readers]
+        assert [f.result() for f in done] == [["a@b.co"]] * len(readers)
     assert s.verify_audit()["records"] == 5
 
 
