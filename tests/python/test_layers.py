@@ -75,3 +75,19 @@ def test_the_checker_sees_a_lazy_import() -> None:
     source = "def f():\n    from ..stores import sqlite\n"
     assert "deid.stores.sqlite" in _imports_of(source, "deid.skyflow")
     assert _hits(_imports_of(source, "deid.skyflow"), BACKENDS) == ["deid.stores.sqlite"]
+
+
+@pytest.mark.parametrize("path", [*(PACKAGE / n for n in CORE),
+                                  *sorted((PACKAGE / "stores").glob("*.py"))],
+                         ids=lambda p: p.name)
+def test_core_and_stores_read_no_configuration_from_the_environment(path: Path) -> None:
+    """Configuration is read once at a host's edge (VaultConfig, the plpython3u host) and
+    passed in; the core and the stores take explicit arguments. (A DynamoDB URL without a
+    region falls back to AWS_REGION, as boto3 itself would.)"""
+    text = path.read_text()
+    allowed = {"dynamodb.py": {'os.environ.get("AWS_REGION")',
+                               'os.environ.get("AWS_DEFAULT_REGION")'}}.get(path.name, set())
+    for use in ("os.environ", "os.getenv"):
+        for i in [i for i in range(len(text)) if text.startswith(use, i)]:
+            assert any(text.startswith(a, i) for a in allowed), (
+                f"{path.name} reads the environment: read it in the host and pass it in")

@@ -126,8 +126,8 @@ def test_keys_live_in_the_keyring_table_and_a_foreign_key_set_is_refused(cluster
     stored = _sql(cluster, f"select keys from {SCHEMA}.keyring")
     assert len(stored) == 1
     assert _keys.FileKeyring.from_json(stored[0][0], "t").check_value() == ring.check_value()
-    monkeypatch.setenv("DEID_KEYS", _keys.FileKeyring.generate().to_json())
-    fresh = open_store(cluster.url() + f"?schema={SCHEMA}")
+    fresh = open_store(cluster.url() + f"?schema={SCHEMA}",
+                       keys=_keys.FileKeyring.generate().to_json())
     with pytest.raises(VaultKeyError, match="does not belong"):
         fresh.keyring()
     fresh.close()

@@ -22,6 +22,7 @@ from deid.errors import (
 )
 from deid.keys import key_file_for
 from deid.service import VaultTokenService
+from deid.vault import VaultConfig, open_service
 
 EMAILS = [f"person{i}@example.com" for i in range(300)]
 
@@ -192,7 +193,7 @@ def test_keys_of_another_vault_are_refused(service: VaultTokenService, tmp_path:
 
     monkeypatch.setenv("DEID_KEYS", FileKeyring.generate().to_json())
     with pytest.raises(VaultKeyError, match="does not belong"):
-        fresh_service(service.store.path)
+        open_service(VaultConfig.from_env({"vault": f"sqlite:///{service.store.path}"}))
 
 
 def test_key_file_is_created_0600_and_group_readable_one_refused(
@@ -209,10 +210,14 @@ def test_keys_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     from deid.keys import FileKeyring
 
     monkeypatch.setenv("DEID_KEYS", FileKeyring.generate().to_json())
-    svc = fresh_service(tmp_path / "v.db")
+    # Read once at the host's edge (VaultConfig), then passed to the store explicitly.
+    svc = open_service(VaultConfig.from_env({"vault": f"sqlite:///{tmp_path / 'v.db'}"}))
+    assert isinstance(svc, VaultTokenService)
     assert svc.keyring.source == "DEID_KEYS"
     assert not key_file_for(tmp_path / "v.db").exists()
     assert svc.tokenize("email", ["a@example.com"])[0]
+    assert "DEID_KEYS" not in repr(VaultConfig.from_env()) and "keys=" not in repr(
+        VaultConfig.from_env())  # the key set never reaches a log line through the config
 
 
 def test_keyring_repr_never_shows_key_material(service: VaultTokenService) -> None:

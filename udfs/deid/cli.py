@@ -28,7 +28,8 @@ _vault_option = click.option(
 
 def _service(vault: str | None) -> VaultTokenService:
     config = VaultConfig.from_env({"vault": vault} if vault else None)
-    return VaultTokenService(open_store(config.url), cache_size=0, detokenize_cache_size=0)
+    return VaultTokenService(open_store(config.url, keys=config.keys), cache_size=0,
+                             detokenize_cache_size=0)
 
 
 def _admin() -> str:

@@ -9,8 +9,9 @@
 - ``audit_key`` (HMAC-SHA256) chains audit records so that an edit or a deletion in the middle
   of the log is detected by ``deid audit verify``.
 
-Keys come from ``DEID_KEYS`` (the key file's JSON, for hosts with a secret manager) or from a
-key file beside the vault, created 0600 on first use. A key set never meets a vault it does
+Keys come from ``DEID_KEYS`` (the key file's JSON, for hosts with a secret manager; the host
+reads it into `deid.vault.VaultConfig` and the store passes it here) or from a key file
+beside the vault, created 0600 on first use. A key set never meets a vault it does
 not belong to: the vault stores a check value of the fingerprint key and refuses others.
 """
 
@@ -232,15 +233,15 @@ def key_file_for(vault_path: Path) -> Path:
     return vault_path.with_name(vault_path.name + ".keys")
 
 
-def load_or_create(key_file: Path, *, create: bool) -> FileKeyring:
-    """Read the key file, or create it (0600, atomically, race-safe) when `create` is set.
+def load_or_create(key_file: Path, *, create: bool, keys: str | None = None) -> FileKeyring:
+    """`keys` (``DEID_KEYS``, read by the host at its edge) when given; else read the key file,
+    or create it (0600, atomically, race-safe) when `create` is set.
 
     Creation is decided by the caller: only a vault that holds no records yet may get new
     keys. Otherwise a lost key file would silently start a second, divergent token space.
     """
-    env = os.environ.get("DEID_KEYS")
-    if env:
-        return FileKeyring.from_json(env, "DEID_KEYS")
+    if keys:
+        return FileKeyring.from_json(keys, "DEID_KEYS")
     with _lock:
         try:
             return _read_key_file(key_file)

@@ -17,6 +17,7 @@ anything else is reported by class name only, since a Python exception text may 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ._policy import Gate
@@ -77,7 +78,8 @@ class _Host:
 
     def __init__(self, plpy: Any, schema: str) -> None:
         self.plpy = plpy
-        self.store = SpiStore(plpy, schema)
+        # The server's environment is this host's configuration (read once per backend).
+        self.store = SpiStore(plpy, schema, keys=os.environ.get("DEID_KEYS") or None)
         self._clock = _backend_clock()
         # Without the backend clock: the statement's timestamps by SPI (no subtransactions).
         self._scope_plan = plpy.prepare(

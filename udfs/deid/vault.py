@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._url import scheme_of, sqlite_path
@@ -44,6 +44,9 @@ class VaultConfig:
     url: str = DEFAULT_VAULT
     cache_size: int = DEFAULT_CACHE_SIZE
     detokenize_cache_size: int = DEFAULT_CACHE_SIZE
+    #: ``DEID_KEYS``: the key set's JSON from a secret manager, or None (the vault's key file
+    #: or keyring table). Never in repr: a config may end up in a log line.
+    keys: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, overrides: dict[str, Any] | None = None) -> VaultConfig:
@@ -54,6 +57,8 @@ class VaultConfig:
             cache_size=_cache_size(o, "cache_size", "DEID_CACHE_SIZE"),
             detokenize_cache_size=_cache_size(o, "detokenize_cache_size",
                                               "DEID_DETOKENIZE_CACHE_SIZE"),
+            # From the environment only: a profile or plugin config is no place for keys.
+            keys=os.environ.get("DEID_KEYS") or None,
         )
 
 
@@ -78,8 +83,9 @@ def _load(target: str) -> Any:
                           f"({exc.name} missing?); install deid with the matching extra") from None
 
 
-def open_store(url: str) -> VaultStore:
-    """A deid vault backend (not Skyflow, which is a service of its own)."""
+def open_store(url: str, *, keys: str | None = None) -> VaultStore:
+    """A deid vault backend (not Skyflow, which is a service of its own); `keys` is the
+    host's ``DEID_KEYS`` (`VaultConfig.keys`)."""
     scheme = scheme_of(url)
     if scheme not in _STORES:
         if scheme in _SERVICES:
@@ -87,7 +93,7 @@ def open_store(url: str) -> VaultStore:
                               "commands (keys, grant, audit) do not apply to it")
         raise ConfigError(f"deid vault: unknown vault scheme {scheme!r}; expected one of "
                           f"{', '.join(sorted({*_STORES, *_SERVICES}))}")
-    store: VaultStore = _load(_STORES[scheme])(url)
+    store: VaultStore = _load(_STORES[scheme])(url, keys=keys)
     return store
 
 
@@ -96,7 +102,8 @@ def open_service(config: VaultConfig) -> TokenService:
     if scheme in _SERVICES:
         service: TokenService = _load(_SERVICES[scheme])(config)
         return service
-    return VaultTokenService(open_store(config.url), cache_size=config.cache_size,
+    return VaultTokenService(open_store(config.url, keys=config.keys),
+                             cache_size=config.cache_size,
                              detokenize_cache_size=config.detokenize_cache_size)
 
 

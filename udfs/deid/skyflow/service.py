@@ -286,4 +286,7 @@ class SkyflowTokenService:
 def open_service(config: Any) -> SkyflowTokenService:
     """Entry point for `deid.vault.open_service` (scheme ``skyflow``)."""
     settings = parse_url(config.url, cache_size=config.cache_size)
-    return SkyflowTokenService(settings)
+    policy = None
+    if settings.policy is not None and settings.policy != "skyflow":
+        policy = open_store(settings.policy, keys=config.keys)
+    return SkyflowTokenService(settings, policy_store=policy)

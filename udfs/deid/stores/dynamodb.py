@@ -651,8 +651,11 @@ class KmsKeyring:
         return _keys.chain_under(self._audit(), prev_hash, record)
 
 
-def open_store(url: str) -> DynamoDBStore:
+def open_store(url: str, *, keys: str | None = None) -> DynamoDBStore:
     """``dynamodb://<table>?region=…&kms_key=…[&endpoint_url=…&workers=8]``."""
+    if keys:
+        raise ConfigError("deid keys: DEID_KEYS does not apply to a DynamoDB vault (its keys "
+                          "stay KMS-wrapped in the table); unset it")
     parsed = parse_vault_url(url, "DynamoDB",
                              known=("region", "kms_key", "endpoint_url", "workers"))
     if parsed.parts.scheme.lower() != "dynamodb":

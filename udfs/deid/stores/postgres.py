@@ -14,7 +14,8 @@ session's uncommitted row waits for that transaction to end, then reads the winn
 inserts its own if the other rolled back). Rows are inserted in fingerprint order, which keeps
 multi-row inserts from deadlocking each other.
 
-Keys: ``DEID_KEYS`` in the server's (or CLI's) environment when set; otherwise the single
+Keys: ``DEID_KEYS`` in the server's (or CLI's) environment when set (read by the host: the
+plpython3u host or `deid.vault.VaultConfig`); otherwise the single
 row of ``<schema>.keyring``, created on first use while the vault holds no record and readable
 only by the vault role (see docs/postgres.md for why). The vault stores the check value of the
 fingerprint key and refuses any other key set.
@@ -27,7 +28,6 @@ libpq's PG* variables fill in what the URL leaves out. ``schema`` names the vaul
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import re
 import threading
 from abc import abstractmethod
@@ -182,8 +182,9 @@ class _PgStore(VaultStore):
     # Whether sessions minting tokens take one transaction-long lock first (see SpiStore).
     _serialize_minting = False
 
-    def __init__(self, schema: str) -> None:
+    def __init__(self, schema: str, keys: str | None = None) -> None:
         self.schema = check_schema(schema)
+        self._keys_json = keys  # DEID_KEYS, as the host read it; None: the keyring table
 
     def _sql(self, name: str) -> str:
         return _SQL[name][0].format(s=self.schema)
@@ -204,10 +205,9 @@ class _PgStore(VaultStore):
 
     def _load_keyring(self) -> _keys.FileKeyring:
         source = f"the {self.schema}.keyring table"
-        env = os.environ.get("DEID_KEYS")
         with self._atomic() as run:
-            if env:
-                ring = _keys.FileKeyring.from_json(env, "DEID_KEYS")
+            if self._keys_json:
+                ring = _keys.FileKeyring.from_json(self._keys_json, "DEID_KEYS")
             else:
                 row = run("keyring_get", ())
                 if not row:
@@ -413,8 +413,9 @@ class SpiStore(_PgStore):
 
     _serialize_minting = True
 
-    def __init__(self, plpy: Any, schema: str = DEFAULT_SCHEMA) -> None:
-        super().__init__(schema)
+    def __init__(self, plpy: Any, schema: str = DEFAULT_SCHEMA, *,
+                 keys: str | None = None) -> None:
+        super().__init__(schema, keys)
         self.url = f"postgresql (in-database, schema {self.schema})"
         self._plpy = plpy
         self._plans: dict[str, Any] = {}
@@ -522,8 +523,8 @@ class Psycopg2Store(_PgStore):
     """The vault over psycopg2: one connection per thread, one transaction per method."""
 
     def __init__(self, dsn: str, *, schema: str = DEFAULT_SCHEMA, role: str | None = None,
-                 url: str | None = None) -> None:
-        super().__init__(schema)
+                 url: str | None = None, keys: str | None = None) -> None:
+        super().__init__(schema, keys)
         try:
             import psycopg2  # noqa: F401 - fail early with an actionable message
         except ImportError:
@@ -623,11 +624,11 @@ def _redact(url: str) -> str:
     return url
 
 
-def open_store(url: str) -> Psycopg2Store:
+def open_store(url: str, *, keys: str | None = None) -> Psycopg2Store:
     """``postgresql://…?schema=deid_vault&role=deid_vault`` → a psycopg2-backed store. Other
     parameters go to libpq (connect_timeout, sslmode, …), under the same rule: once each."""
     parsed = parse_vault_url(url, "PostgreSQL", known=None)
     rest = [(k, v) for k, v in parsed.params.items() if k not in _OUR_PARAMS]
     dsn = urlunsplit(parsed.parts._replace(scheme="postgresql", query=urlencode(rest)))
     return Psycopg2Store(dsn, schema=parsed.text("schema") or DEFAULT_SCHEMA,
-                         role=parsed.text("role"), url=_redact(url))
+                         role=parsed.text("role"), url=_redact(url), keys=keys)

@@ -118,12 +118,13 @@ class SQLiteStore(VaultStore):
 
     def __init__(self, path: Path, *, busy_timeout_s: float = 60.0,
                  synchronous: str = "full", cache_mib: int = 64, mmap_mib: int = 1024,
-                 forward_audit: bool = True) -> None:
+                 forward_audit: bool = True, keys: str | None = None) -> None:
         if synchronous not in ("full", "normal"):
             raise ConfigError("deid vault: synchronous must be 'full' (every commit reaches the "
                               "disk) or 'normal' (survives a process crash, not a power loss)")
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
+        self._keys_json = keys  # DEID_KEYS, as the host read it; None: the key file
         self._timeout = busy_timeout_s
         self._synchronous = synchronous
         self._cache_kib = int(cache_mib) * 1024
@@ -255,7 +256,8 @@ class SQLiteStore(VaultStore):
     def _load_keyring(self) -> _keys.FileKeyring:
         empty = not self._read("select 1 from tokens limit 1") and not self._read(
             "select 1 from meta where key = 'key_check'")
-        ring = _keys.load_or_create(_keys.key_file_for(self.path), create=empty)
+        ring = _keys.load_or_create(_keys.key_file_for(self.path), create=empty,
+                                    keys=self._keys_json)
         check = ring.check_value()
         with self._tx() as db:
             db.execute("insert or ignore into meta values ('key_check', ?)", (check,))
@@ -463,10 +465,12 @@ class SQLiteStore(VaultStore):
         }
 
 
-def open_store(url: str) -> SQLiteStore:
-    """``sqlite:///path[?synchronous=full|normal&cache_mib=64&mmap_mib=1024]``."""
+def open_store(url: str, *, keys: str | None = None) -> SQLiteStore:
+    """``sqlite:///path[?synchronous=full|normal&cache_mib=64&mmap_mib=1024]``; `keys` is
+    ``DEID_KEYS`` when the host has it (else the key file beside the vault)."""
     parsed = parse_vault_url(url, "SQLite", known=("synchronous", "cache_mib", "mmap_mib"))
     return SQLiteStore(sqlite_path(url),
                        synchronous=(parsed.text("synchronous") or "full").lower(),
                        cache_mib=parsed.integer("cache_mib", 64, lo=0, hi=1 << 20),
-                       mmap_mib=parsed.integer("mmap_mib", 1024, lo=0, hi=1 << 20))
+                       mmap_mib=parsed.integer("mmap_mib", 1024, lo=0, hi=1 << 20),
+                       keys=keys)
