@@ -95,7 +95,7 @@ def test_console_script_reports_errors_in_one_line(vault_path: Path,
     assert "Traceback" not in proc.stderr
 
 
-def test_grants_record_who_granted_and_to_whom(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_grants_record_who_granted_and_to_whom(cli: Cli, vault_path: Path) -> None:
     import getpass
 
     assert "granted tokenize" in cli("init", "--transformer", "dbt_transformer").output
@@ -114,7 +114,7 @@ def test_grants_record_who_granted_and_to_whom(cli, vault_path: Path) -> None:  
         ("grant", getpass.getuser(), "pii_reader", "detokenize", None)]
 
 
-def test_audit_checkpoint_then_verify_head_detects_truncation(cli, vault_path: Path,  # type: ignore[no-untyped-def]
+def test_audit_checkpoint_then_verify_head_detects_truncation(cli: Cli, vault_path: Path,
                                                               tmp_path: Path) -> None:
     from deid.stores.sqlite import SQLiteStore
 
@@ -134,7 +134,7 @@ def test_audit_checkpoint_then_verify_head_detects_truncation(cli, vault_path: P
     assert result.exit_code != 0 and "truncated" in str(result.exception)
 
 
-def test_the_embedded_log_needs_the_auditors_key_not_a_head(cli, vault_path: Path,  # type: ignore[no-untyped-def]
+def test_the_embedded_log_needs_the_auditors_key_not_a_head(cli: Cli, vault_path: Path,
                                                             tmp_path: Path) -> None:
     cli("grant", "a")
     cli("grant", "b")
@@ -149,7 +149,7 @@ def test_the_embedded_log_needs_the_auditors_key_not_a_head(cli, vault_path: Pat
     assert "newest records were removed" in str(result.exception)
 
 
-def test_audit_show_flags_lookups_that_mostly_miss(cli, vault_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_audit_show_flags_lookups_that_mostly_miss(cli: Cli, vault_path: Path) -> None:
     from deid.errors import PermissionDeniedError
 
     svc = open_service_at(vault_path)
@@ -164,3 +164,8 @@ def test_audit_show_flags_lookups_that_mostly_miss(cli, vault_path: Path) -> Non
                                                     f"sqlite:///{vault_path}"])
     assert "GUESSING? prober: 30 of 30" in out.stderr
     assert "etl" not in out.stderr
+
+
+def test_synth_refuses_bad_arguments_with_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path), "--customers", "0"])
+    assert result.exit_code == 2 and "customers must be at least 1" in result.output

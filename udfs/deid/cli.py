@@ -300,9 +300,15 @@ def stats(vault: str | None, as_json: bool) -> None:
 @click.option("--distinct-ratio", type=float, default=1.0, show_default=True)
 def synth(out: Path, customers: int, seed: int, distinct_ratio: float) -> None:
     """Write synthetic raw landing tables (CSV) at any scale."""
-    from deid_synth import write_tables
-
-    counts = write_tables(out, customers, seed=seed, distinct_ratio=distinct_ratio)
+    try:  # a developer tool, installed with the synth extra; the runtime never needs it
+        from deid_synth import write_tables
+    except ImportError:
+        raise click.ClickException("deid synth needs the synthetic data tools: install deid "
+                                   "with the synth extra (pip install 'deid[synth]')") from None
+    try:
+        counts = write_tables(out, customers, seed=seed, distinct_ratio=distinct_ratio)
+    except ValueError as exc:  # out-of-range arguments; the message names which
+        raise click.UsageError(str(exc)) from None
     for table, n in counts.items():
         click.echo(f"{table}: {n} rows")
 
