@@ -119,3 +119,27 @@ def test_plugin_reads_vault_and_principal_from_config(tmp_path: Path) -> None:
     plugin.configure_connection(c)
     assert c.sql("select deid.tokenize('a', 'string')").fetchall()[0][0].startswith("str_")
     assert (tmp_path / "pv" / "vault.db").exists()
+
+
+class _LeakyService:
+    """A service whose library fails with the value in its message (as a UnicodeError or a
+    driver's constraint message can)."""
+
+    def tokenize(self, kind: str, values: list[str | None], *,
+                 column: str | None = None) -> list[str | None]:
+        raise RuntimeError(f"could not store {values[0]!r}")
+
+    def detokenize(self, tokens: list[str | None], *, principal: str,
+                   query_id: str | None = None, host: str | None = None) -> list[str | None]:
+        raise RuntimeError(f"could not read {tokens[0]!r}")
+
+
+def test_a_library_error_reaches_duckdb_without_the_value(tmp_path: Path) -> None:
+    c = duckdb.connect(str(tmp_path / "w.duckdb"))
+    register(c, _LeakyService(), "analyst")
+    for sql in ("select deid.tokenize('leaky.secret@example.com', 'email')",
+                "select deid.detokenize('leaky.secret@example.com')"):
+        with pytest.raises(duckdb.Error) as exc:
+            c.sql(sql).fetchall()
+        assert "leaky.secret" not in str(exc.value)
+        assert "internal error (RuntimeError)" in str(exc.value)

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from duckdb import func
 from duckdb.sqltypes import VARCHAR
 
-from .errors import InvalidKindError
+from .errors import DeidError, InvalidKindError
 from .service import TokenService
 from .vault import VaultConfig, open_service
 
@@ -63,6 +63,10 @@ def register(conn: duckdb.DuckDBPyConnection,
         factory = service
 
     def tokenize(values: pa.Array | pa.ChunkedArray, kinds: pa.Array | pa.ChunkedArray) -> pa.Array:
+        return _guarded("tokenize", _tokenize, values, kinds)
+
+    def _tokenize(values: pa.Array | pa.ChunkedArray,
+                  kinds: pa.Array | pa.ChunkedArray) -> pa.Array:
         distinct = pc.unique(kinds).to_pylist()
         if len(distinct) == 1 and distinct[0] is not None:
             return pa.array(factory().tokenize(distinct[0], values.to_pylist(),
@@ -84,6 +88,9 @@ def register(conn: duckdb.DuckDBPyConnection,
         return pa.array(out, type=pa.string())
 
     def detokenize(tokens: pa.Array | pa.ChunkedArray) -> pa.Array:
+        return _guarded("detokenize", _detokenize, tokens)
+
+    def _detokenize(tokens: pa.Array | pa.ChunkedArray) -> pa.Array:
         return pa.array(factory().detokenize(tokens.to_pylist(), principal=principal,
                                              host="duckdb"), type=pa.string())
 
@@ -95,6 +102,19 @@ def register(conn: duckdb.DuckDBPyConnection,
                  "__deid_tokenize(value, kind)")
     conn.execute(f"create or replace macro {_CATALOG}.detokenize(token) as "
                  "__deid_detokenize(token)")
+
+
+def _guarded(action: str, body: Callable[..., pa.Array], *args: Any) -> pa.Array:
+    """DuckDB puts a UDF's exception text in the query's error, which reaches dbt's log: a
+    deid error is value-free by contract, any other may quote data, so it is reported by
+    class only (as the Lambda and plpython3u hosts do)."""
+    try:
+        return body(*args)
+    except DeidError:
+        raise
+    except Exception as exc:
+        raise DeidError(f"deid.{action}: internal error ({type(exc).__name__}); the value "
+                        "is not shown") from None
 
 
 def _create(conn: duckdb.DuckDBPyConnection, name: str, fn: Any, params: list[Any], *,
