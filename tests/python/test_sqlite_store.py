@@ -71,3 +71,14 @@ def test_a_file_that_is_not_a_vault_is_a_deid_error(vault_path: Path) -> None:
     vault_path.write_bytes(b"this is not an SQLite database, just some bytes " * 100)
     with pytest.raises(VaultUnavailableError, match="not an SQLite database"):
         sqlite_store.SQLiteStore(vault_path)
+
+
+def test_an_unreadable_key_file_is_a_deid_error_naming_it(vault_path: Path) -> None:
+    from deid.errors import VaultKeyError
+    from deid.keys import key_file_for
+
+    key_file_for(vault_path).mkdir(parents=True, mode=0o700)  # a directory, not a key file
+    with pytest.raises(VaultKeyError) as exc:
+        VaultTokenService(sqlite_store.SQLiteStore(vault_path))
+    assert str(key_file_for(vault_path)) in str(exc.value)
+    assert "cannot be read" in str(exc.value)

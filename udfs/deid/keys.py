@@ -280,19 +280,33 @@ def read_key_file(key_file: Path) -> FileKeyring:
 
 
 def _read_key_file(key_file: Path) -> FileKeyring:
-    st = key_file.stat()
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise VaultKeyError(
-            f"deid keys: key file {key_file} is readable by group or others; "
-            f"run: chmod 600 {key_file}")
-    return FileKeyring.from_json(key_file.read_text(), str(key_file))
+    """The key file's keys; FileNotFoundError when there is none (the caller decides)."""
+    try:
+        st = key_file.stat()
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise VaultKeyError(
+                f"deid keys: key file {key_file} is readable by group or others; "
+                f"run: chmod 600 {key_file}")
+        text = key_file.read_text()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise VaultKeyError(f"deid keys: key file {key_file} cannot be read ({exc.strerror}); "
+                            "give this process read access to it (mode 600, owned by the "
+                            "user the host runs as)") from None
+    return FileKeyring.from_json(text, str(key_file))
 
 
 def write_key_file(key_file: Path, ring: FileKeyring, *, exclusive: bool) -> None:
     """Write via a 0600 temp file; `exclusive` links it in only if no file exists yet."""
-    key_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = key_file.with_name(f".{key_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise VaultKeyError(f"deid keys: cannot write the key file {key_file} "
+                            f"({exc.strerror}); give this process write access to its "
+                            "directory") from None
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(ring.to_json())
