@@ -41,7 +41,7 @@ test: $(VENV)/.dev
 test-fast: $(VENV)/.dev
 	$(BIN)/pytest -m "not e2e and not postgres and not slow"
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev profiles.yml
 	$(BIN)/ruff check udfs tools tests scripts bench
 	$(BIN)/sqlfluff lint models analyses
 	$(BIN)/mypy
