@@ -125,13 +125,14 @@ class _LeakyService:
     """A service whose library fails with the value in its message (as a UnicodeError or a
     driver's constraint message can)."""
 
-    def tokenize(self, kind: str, values: list[str | None], *,
-                 column: str | None = None) -> list[str | None]:
+    def tokenize(self, kind: str, values: list[str | None], **_: object) -> list[str | None]:
         raise RuntimeError(f"could not store {values[0]!r}")
 
-    def detokenize(self, tokens: list[str | None], *, principal: str,
-                   query_id: str | None = None, host: str | None = None) -> list[str | None]:
+    def detokenize(self, tokens: list[str | None], **_: object) -> list[str | None]:
         raise RuntimeError(f"could not read {tokens[0]!r}")
+
+    def flush_audit(self) -> None:
+        pass
 
 
 def test_a_library_error_reaches_duckdb_without_the_value(tmp_path: Path) -> None:
