@@ -1,6 +1,6 @@
 {# Generalize a date of birth to an age band ('30-39'; '90+' as HIPAA Safe Harbor requires). #}
 {% macro age_band(date_of_birth, as_of=none, width=10) -%}
-    {{ return(adapter.dispatch('age_band', 'deid')(date_of_birth, as_of, width)) }}
+    {{ return(deid.generalized('age_band', adapter.dispatch('age_band', 'deid')(date_of_birth, as_of, width))) }}
 {%- endmacro %}
 
 {% macro default__age_band(date_of_birth, as_of, width) -%}

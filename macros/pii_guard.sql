@@ -4,10 +4,18 @@
 {%- endmacro %}
 
 {% macro default__pii_guard() -%}
-    {%- if not execute or model.config.materialized == 'ephemeral' -%}
+    {#- Zones, not folders: declared PII may live in the restricted zone only, so every other
+        relation (any folder or materialization, snapshots, seeds) is checked. -#}
+    {%- if not execute or model.config.materialized == 'ephemeral' or deid.in_restricted_zone(this) -%}
         {{ return('') }}
     {%- endif -%}
-    {%- set upstream = deid.upstream_pii(model) -%}
+    {%- set hidden = deid.restricted_reads(model) -%}
+    {%- if hidden -%}
+        {{ exceptions.raise_compiler_error("deid.pii_guard: model " ~ model.name ~ " reads the restricted zone without source() or ref(): " ~ hidden | join(', ') ~ "; declare the relation as a source (its PII in meta) and select from source()") }}
+    {%- endif -%}
+    {#- A seed has no upstream: it is checked against every PII declaration in the project. -#}
+    {%- set is_seed = model.resource_type == 'seed' -%}
+    {%- set upstream = deid.declared_pii() if is_seed else deid.upstream_pii(model) -%}
     {%- if not upstream -%}
         {{ return('') }}
     {%- endif -%}
@@ -24,10 +32,10 @@
         {%- if treatment is string -%}{%- set treatment = {treatment: true} -%}{%- endif -%}
         {%- if treatment.get('tokenized') or treatment.get('generalized') -%}
             {# declared treatment: the value scan below and the generic tests check it #}
-        {%- elif meta is none -%}
+        {%- elif meta is none and not is_seed -%}
             {%- do problems.append("column '" ~ name ~ "' is not documented; every column of a model downstream of PII must be declared in its yml (meta deid: {tokenized: <kind>} or {generalized: <how>}, or documented as not sensitive)") -%}
-        {%- elif name in upstream or meta.get('pii') -%}
-            {%- do problems.append("column '" ~ name ~ "' carries declared PII (" ~ (upstream.get(name, {}).get('kind') or meta.get('pii')) ~ ") but is neither tokenized nor generalized; use deid.tokenize or a generalizer and declare it in meta") -%}
+        {%- elif name in upstream or (meta or {}).get('pii') -%}
+            {%- do problems.append("column '" ~ name ~ "' carries declared PII (" ~ (upstream.get(name, {}).get('kind') or (meta or {}).get('pii')) ~ ") but is neither tokenized nor generalized; use deid.tokenize or a generalizer and declare it in meta") -%}
         {%- endif -%}
         {%- if col.is_string() -%}
             {%- do scanned.append(col) -%}

@@ -1,6 +1,6 @@
 {# Generalize a date or timestamp to its year (an integer). #}
 {% macro year(date_column) -%}
-    {{ return(adapter.dispatch('year', 'deid')(date_column)) }}
+    {{ return(deid.generalized('year', adapter.dispatch('year', 'deid')(date_column))) }}
 {%- endmacro %}
 
 {% macro default__year(date_column) -%}

@@ -1,6 +1,6 @@
 {# Generalize a ZIP code to its first three digits; sparsely populated prefixes become '000'. #}
 {% macro zip3(zip) -%}
-    {{ return(adapter.dispatch('zip3', 'deid')(zip)) }}
+    {{ return(deid.generalized('zip3', adapter.dispatch('zip3', 'deid')(zip))) }}
 {%- endmacro %}
 
 {% macro default__zip3(zip) -%}

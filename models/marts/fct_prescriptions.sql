@@ -10,9 +10,11 @@ final as (
         order_id,
         {{ deid.tokenize('customer_id', 'string', domain='customer') }} as customer_key,
         -- the ingredient without strength or form: what analyses group by
-        lower(split_part(drug_name, ' ', 1)) as drug_ingredient,
+        {{ deid.generalized('drug_ingredient', "lower(split_part(drug_name, ' ', 1))") }}
+            as drug_ingredient,
         -- ICD-10 category (first three characters), e.g. E11.9 -> E11
-        upper(substring(diagnosis_code, 1, 3)) as diagnosis_category,
+        {{ deid.generalized('icd10_category', 'upper(substring(diagnosis_code, 1, 3))') }}
+            as diagnosis_category,
         {{ deid.tokenize('prescriber_name', 'name', domain='prescriber') }} as prescriber_token,
         {{ deid.tokenize('prescriber_npi', 'string', domain='npi') }} as prescriber_npi_token,
         {{ deid.year('filled_at') }} as filled_year,

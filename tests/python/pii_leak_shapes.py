@@ -138,11 +138,11 @@ LEAKS = [
          f"select c.region, r.phone as reach from {C} as c\n"
          "join raw.raw_customers as r on r.customer_id = c.customer_id",
          ["region", "reach"], guard_sees=True),
-    # Two sources declare `email`: the second source's emails, renamed.
+    # Two sources declare `email`; dbt lists sources first among a model's parents, so the
+    # customers' declaration is the second one found.
     leak("leak_second_source_email",
-         f"select c.region, l.email as lead_contact from {C} as c\n"
-         "join {{ source('battery', 'leads') }} as l on l.lead_id = c.customer_id",
-         ["region", "lead_contact"]),
+         "select l.lead_id, c.email as contact from {{ source('battery', 'leads') }} as l\n"
+         f"join {C} as c on l.lead_id = c.customer_id", ["lead_id", "contact"]),
     # A staging model switched to a table (in the staging folder).
     leak("stg_pharmacy__customer_contacts",
          "{{ config(materialized='table') }}\n"
@@ -292,8 +292,9 @@ def write_shapes(project: Path, root: Path) -> None:
                                     for i in range(1, 6)))
     # Registering a generalizer: one var, read by deid.generalized and by `deid check`.
     text = (project / "dbt_project.yml").read_text()
-    (project / "dbt_project.yml").write_text(text.replace(
-        "vars:\n", "vars:\n  deid_generalizers: [email_domain]\n", 1))
+    registered = text.replace("deid_generalizers: [", "deid_generalizers: [email_domain, ", 1)
+    assert registered != text
+    (project / "dbt_project.yml").write_text(registered)
 
 
 def all_shapes() -> list[Shape]:

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import duckdb
 import pytest
 
 from dbt_project_copy import ROOT, DbtProject, copy_project
@@ -62,3 +63,11 @@ def test_in_dbt_guard_stops_the_shapes_it_can_see_and_builds_the_legitimate_ones
     must = [s.name for s in LEAKS if s.guard_sees]
     assert [n for n in must if n not in caught] == []
     assert not [v for v in raw_values() if len(v) >= 6 and v in battery.build_output]
+    # A refused relation is rolled back with its transaction: nothing of it remains.
+    con = duckdb.connect(str(battery.project.path / "warehouse.duckdb"), read_only=True)
+    try:
+        present = {r[0] for r in con.sql("select table_name from information_schema.tables")
+                   .fetchall()}
+    finally:
+        con.close()
+    assert sorted(set(must) & present) == []
