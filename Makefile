@@ -7,7 +7,7 @@ PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constra
 export DBT_PROFILES_DIR ?= $(CURDIR)
 export DBT_SEND_ANONYMOUS_USAGE_STATS := false
 
-.PHONY: demo test test-fast lint bench bench-lambda demo-postgres clean
+.PHONY: demo test test-fast lint check bench bench-lambda demo-postgres clean
 
 # The embedded pipeline only (dbt-duckdb, DuckDB, Faker).
 $(VENV)/.demo: pyproject.toml constraints.txt
@@ -40,6 +40,11 @@ test: $(VENV)/.dev
 # The unit tier: no dbt, no PostgreSQL, no server subprocess (well under 30 s).
 test-fast: $(VENV)/.dev
 	$(BIN)/pytest -m "not e2e and not postgres and not slow"
+
+# Column lineage over the compiled SQL: the step the documented build runs before `dbt build`.
+check: $(VENV)/.demo profiles.yml
+	$(BIN)/dbt compile --quiet
+	$(BIN)/deid check
 
 lint: $(VENV)/.dev profiles.yml
 	$(BIN)/ruff check udfs tools tests scripts bench

@@ -12,7 +12,10 @@ say "1/6  Land the raw data (seeds -> schema raw: names, emails, SSNs, card numb
 # The vault denies tokenize by default: the dev target's principal builds the marts.
 deid init --transformer dbt_transformer
 dbt seed --quiet
-say "2/6  Build and test the marts (tokens and generalized values only)"
+say "2/6  Check column lineage, then build and test the marts (tokens and generalized values only)"
+# The documented build: `deid check` reads the compiled SQL and fails before any data moves.
+dbt compile --quiet
+deid check
 dbt build --quiet --exclude resource_type:seed
 deid stats
 

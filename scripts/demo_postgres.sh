@@ -70,6 +70,8 @@ unset DEID_VAULT
 
 say "4/7  The transformer lands the raw data and builds the marts (tokens only)"
 PGUSER=transformer PGPASSWORD=${PASSWORD[transformer]} dbt seed --quiet --vars "$VARS"
+PGUSER=transformer PGPASSWORD=${PASSWORD[transformer]} dbt compile --quiet --vars "$VARS"
+deid check
 PGUSER=transformer PGPASSWORD=${PASSWORD[transformer]} dbt build --quiet --exclude resource_type:seed --vars "$VARS"
 
 say "5/7  analyst: the marts yes; raw tables and detokenize no"

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -76,6 +79,16 @@ def test_target_and_logs_hold_no_raw_sensitive_value(built: DbtProject) -> None:
                 text = path.read_text(errors="replace")
                 hits = [v for v in raw if v in text]
                 assert not hits, f"{path} contains {len(hits)} raw values"
+
+
+def test_deid_check_passes_the_example_project(built: DbtProject) -> None:
+    """The documented build: `dbt compile && deid check && dbt build`."""
+    built.dbt("compile")
+    check = subprocess.run([str(Path(sys.executable).with_name("deid")), "check"],
+                           cwd=built.path, env=built.env, capture_output=True, text=True,
+                           timeout=120)
+    assert check.returncode == 0, check.stderr
+    assert "no declared PII leaves the restricted zone untreated" in check.stdout
 
 
 def test_tokens_join_facts_to_customers(built: DbtProject) -> None:

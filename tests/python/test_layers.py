@@ -18,6 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "udfs" / "deid"
 CORE = ["errors.py", "kinds.py", "keys.py", "service.py", "_cache.py", "_url.py", "_audit.py",
         "_policy.py"]
 HOSTS = ["duckdb_plugin", "lambda_handler", "plpython_host", "cli"]
+# Developer tools inside the package: `deid check` (column lineage; needs sqlglot).
+TOOLS = ["lineage"]
 BACKENDS = ["stores.sqlite", "stores.postgres", "stores.dynamodb", "skyflow"]
 
 
@@ -51,7 +53,8 @@ def _hits(imports: set[str], forbidden: list[str]) -> list[str]:
 @pytest.mark.parametrize("name", CORE)
 def test_core_imports_no_host_store_or_tool(name: str) -> None:
     imports = _imports(PACKAGE / name)
-    assert _hits(imports, [*HOSTS, *BACKENDS, "vault"]) == []
+    assert _hits(imports, [*HOSTS, *BACKENDS, *TOOLS, "vault"]) == []
+    assert not any(i == "sqlglot" or i.startswith("sqlglot.") for i in imports)
     assert not any(i.startswith("deid_synth") for i in imports)
 
 
@@ -59,7 +62,7 @@ def test_core_imports_no_host_store_or_tool(name: str) -> None:
 def test_stores_import_no_host_and_no_other_backend(path: Path) -> None:
     imports = _imports(path)
     others = [b for b in BACKENDS if b != f"stores.{path.stem}"]
-    assert _hits(imports, [*HOSTS, *others, "vault"]) == []
+    assert _hits(imports, [*HOSTS, *others, *TOOLS, "vault"]) == []
 
 
 def test_runtime_package_does_not_ship_synthetic_data() -> None:
@@ -91,3 +94,9 @@ def test_core_and_stores_read_no_configuration_from_the_environment(path: Path) 
         for i in [i for i in range(len(text)) if text.startswith(use, i)]:
             assert any(text.startswith(a, i) for a in allowed), (
                 f"{path.name} reads the environment: read it in the host and pass it in")
+
+
+def test_the_lineage_tool_imports_no_host_store_or_vault() -> None:
+    """`deid check` reads a manifest: it needs neither a vault nor an engine host."""
+    imports = _imports(PACKAGE / "lineage.py")
+    assert _hits(imports, [*HOSTS, *BACKENDS, "vault", "service", "keys"]) == []

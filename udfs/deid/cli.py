@@ -313,6 +313,29 @@ def synth(out: Path, customers: int, seed: int, distinct_ratio: float) -> None:
         click.echo(f"{table}: {n} rows")
 
 
+@main.command()
+@click.option("--project-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              default=".", show_default=True, help="The dbt project (its dbt_project.yml vars).")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Default: <project-dir>/target/manifest.json (after `dbt compile`).")
+def check(project_dir: Path, manifest: Path | None) -> None:
+    """Column lineage over the compiled SQL: fail (exit 1) when declared PII reaches a relation
+    outside the restricted zone without deid.tokenize or a registered generalizer."""
+    # sqlglot comes with the engine extras (deid[duckdb], …), not with the vault CLI alone.
+    from .lineage import check as check_lineage
+
+    manifest = manifest or project_dir / "target" / "manifest.json"
+    if not manifest.is_file():
+        raise click.ClickException(f"{manifest} not found: run `dbt compile` first")
+    findings = check_lineage(manifest, project_dir)
+    for finding in findings:
+        click.echo(f"deid check: {finding}", err=True)
+    if findings:
+        raise click.ClickException(
+            f"{len(findings)} finding(s): declared PII would leave the restricted zone")
+    click.echo("deid check: no declared PII leaves the restricted zone untreated")
+
+
 def run() -> None:
     """The `deid` console script: a DeidError becomes one line on stderr and exit 1."""
     try:
