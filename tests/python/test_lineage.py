@@ -88,8 +88,26 @@ def test_a_model_in_the_restricted_zone_may_hold_pii_and_passes_it_downstream() 
 def test_reading_the_zone_behind_dbts_back_fails_even_when_nothing_is_declared() -> None:
     found = run(_model("m", 'select 1 as n from "wh"."raw"."unknown_table"', parents=()))
     assert found["m"] == ["None: reads the restricted zone without source() or ref(): "
-                          "raw.unknown_table; declare it as a source (its PII in meta) and "
+                          "wh.raw.unknown_table; declare it as a source (its PII in meta) and "
                           "select from source()"]
+
+
+def test_a_restricted_zone_in_its_own_database_is_told_apart_by_database() -> None:
+    """DuckDB can attach the landing data as its own database: `landing.main.people` and the
+    marts' `wh.main.people` share schema and name."""
+    landing = Settings(restricted_zone=("landing",))
+    source = _source()
+    source["relation_name"] = '"landing"."main"."people"'
+    same_name = _model("people", "select 1 as n", parents=())
+    reader = _model("reader", 'select p.email as e from "wh"."main"."people" as p',
+                    parents=("model.p.people",))
+    leak = _model("leak", 'select email as e from "landing"."main"."people"')
+    hidden = _model("hidden", 'select email as e from "landing"."main"."people"', parents=())
+    manifest = {"metadata": {"adapter_type": "duckdb"},
+                "sources": {"source.p.crm.people": source},
+                "nodes": {m["unique_id"]: m for m in (same_name, reader, leak, hidden)}}
+    found = {(f.name, f.column) for f in Checker(manifest, landing).run()}
+    assert found == {("leak", "e"), ("hidden", "e"), ("hidden", None)}
 
 
 def test_a_relation_without_the_guard_hook_is_reported() -> None:
@@ -102,6 +120,8 @@ def test_the_check_fails_closed_on_sql_it_cannot_read() -> None:
     message = run(unparsable)["m"][0]
     assert "could not be parsed" in message and "123-45-6789" not in message
     assert "run `dbt compile` first" in run(_model("n", None))["n"][0]
+    python = {**_model("p", "def model(dbt, session): ..."), "language": "python"}
+    assert "traces SQL only" in run(python)["p"][0]
 
 
 def test_correlated_subqueries_and_lateral_aliases_are_followed() -> None:

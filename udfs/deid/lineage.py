@@ -97,15 +97,26 @@ def _meta(column: dict[str, Any]) -> dict[str, Any]:
 
 
 def _relation_key(name: str | None) -> tuple[str, ...]:
-    """("schema", "identifier") of a relation name as dbt renders it."""
+    """("database", "schema", "identifier") of a relation name as dbt renders it (the
+    database is left out where dbt leaves it out)."""
     if not name:
         return ()
-    parts = [p.strip().strip('"`').lower() for p in name.split(".")]
-    return tuple(parts[-2:])
+    return tuple(p.strip().strip('"`').lower() for p in name.split("."))[-3:]
 
 
 def _table_key(table: exp.Table) -> tuple[str, ...]:
-    return (table.db.lower(), table.name.lower()) if table.db else ()
+    """The same for a table in a query; () when it names no schema (a CTE, or a table found
+    through the search path)."""
+    if not table.db:
+        return ()
+    parts = (table.catalog, table.db, table.name) if table.catalog else (table.db, table.name)
+    return tuple(p.lower() for p in parts)
+
+
+def _same_relation(table: tuple[str, ...], key: tuple[str, ...]) -> bool:
+    """A query's table names the relation `key` (a database left out matches any)."""
+    return bool(table) and table[-2:] == key[-2:] and (
+        len(table) < 3 or len(key) < 3 or table[0] == key[0])
 
 
 @dataclass
@@ -130,6 +141,7 @@ class Checker:
             uid: n for uid, n in manifest.get("nodes", {}).items()
             if n.get("resource_type") in MATERIALIZED}
         self.relations: dict[tuple[str, ...], _Relation] = {}
+        self.by_name: dict[tuple[str, ...], list[tuple[str, ...]]] = {}   # (schema, name)
         # Ephemeral models are inlined as CTEs named __dbt__cte__<name>: their declarations.
         self.ephemeral: dict[str, dict[str, Taint]] = {}
         self.declared_names: dict[str, str] = {}   # column name -> kind, anywhere
@@ -152,6 +164,7 @@ class Checker:
         key = _relation_key(node.get("relation_name"))
         if key not in self.relations:
             self.relations[key] = _Relation(node, label=_display(node))
+            self.by_name.setdefault(key[-2:], []).append(key)
         elif node.get("resource_type") != "source":
             self.relations[key].node = node   # a seed and a source over one table: trace the node
         return self.relations[key]
@@ -232,6 +245,11 @@ class Checker:
         sql = node.get("compiled_code")
         if node["resource_type"] == "seed":
             return rel.columns
+        if node.get("language", "sql") != "sql":
+            self._find(node, None, f"a {node.get('language')} model: deid check traces SQL "
+                       "only (the check fails closed); build it in the restricted zone and "
+                       "read it from a SQL model")
+            return None
         if sql is None:
             self._find(node, None, "has no compiled SQL in the manifest; run `dbt compile` "
                        "first (the check fails closed)")
@@ -264,7 +282,8 @@ class Checker:
         for scope in root.traverse():
             for table in scope.tables:
                 key = _table_key(table)
-                if self._table_in_zone(table) and key not in allowed:
+                if self._table_in_zone(table) and not any(
+                        _same_relation(key, k) for k in allowed):
                     self._find(node, None, f"reads the restricted zone without source() or "
                                f"ref(): {'.'.join(key)}; declare it as a source (its PII in "
                                "meta) and select from source()")
@@ -286,13 +305,18 @@ class Checker:
     def table_columns(self, table: exp.Table) -> tuple[dict[str, Taint], str]:
         """Tainted columns of a physical relation, and its display name."""
         key = _table_key(table)
-        rel = self.relations.get(key) if key else None
-        if rel is None:
+        matches = [self.relations[k] for k in self.by_name.get(key[-2:], [])
+                   if _same_relation(key, k)] if key else []
+        if not matches:
             return {}, ".".join(key) or table.name.lower()
-        uid = rel.node.get("unique_id", "")
-        if uid in self.nodes and not rel.computed:
-            self.outputs(uid)
-        return rel.columns, rel.label
+        columns: dict[str, Taint] = {}
+        for rel in matches:   # one, unless two databases hold schema.name and none is named
+            uid = rel.node.get("unique_id", "")
+            if uid in self.nodes and not rel.computed:
+                self.outputs(uid)
+            for name, taint in rel.columns.items():
+                columns[name] = columns.get(name, CLEAN) | taint
+        return columns, matches[0].label
 
 
 def _has_guard(node: dict[str, Any]) -> bool:
