@@ -85,6 +85,8 @@ def test_in_dbt_guard_stops_the_shapes_it_can_see_and_builds_the_legitimate_ones
     assert not false_positives
     must = [s.name for s in LEAKS if s.guard_sees]
     assert [n for n in must if n not in caught] == []
+    # ... refused by the guard itself, naming the relation (not by some other error)
+    assert [n for n in must if f"deid.pii_guard: model {n} " not in battery.build_output] == []
     assert not [v for v in raw_values() if len(v) >= 6 and v in battery.build_output]
     # A refused relation is rolled back with its transaction: nothing of it remains.
     con = duckdb.connect(str(battery.project.path / "warehouse.duckdb"), read_only=True)
