@@ -138,6 +138,9 @@ LEAKS = [
          f"select c.region, r.phone as reach from {C} as c\n"
          "join raw.raw_customers as r on r.customer_id = c.customer_id",
          ["region", "reach"], guard_sees=True),
+    # The landing file itself, read by a model: no relation, no declaration.
+    leak("leak_read_csv",
+         "select email as contact from read_csv('seeds/raw/raw_customers.csv')", ["contact"]),
     # Two sources declare `email`; dbt lists sources first among a model's parents, so the
     # customers' declaration is the second one found.
     leak("leak_second_source_email",

@@ -140,3 +140,15 @@ def test_settings_come_from_the_projects_vars(tmp_path: Path) -> None:
     settings = Settings.from_project(tmp_path)
     assert settings.restricted_zone == ("landing",)
     assert settings.generalizers[-1] == "email_domain"
+
+
+@pytest.mark.parametrize("from_", [
+    "read_csv('seeds/raw/people.csv')", "read_csv_auto('people.csv', header = true)",
+    "'landing/people.parquet'", "read_parquet('s3://bucket/people/*.parquet') as p"])
+def test_reading_files_from_a_model_outside_the_zone_is_refused(from_: str) -> None:
+    found = run(_model("m", f"select email as contact from {from_}", parents=()))
+    assert "reads data outside any relation" in found["m"][0]
+
+
+def test_generated_rows_are_not_file_reads() -> None:
+    assert run(_model("m", "select range as n from range(3)", parents=())) == {}

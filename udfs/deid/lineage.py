@@ -43,6 +43,9 @@ DIALECTS = {"duckdb": "duckdb", "postgres": "postgres", "redshift": "redshift"}
 _MARKER = re.compile(r"/\*\s*deid\.generalized:([a-z][a-z0-9_]*)\s*\*/\s*\(")
 _MARKER_FN = "deid_generalized__"
 _MAX_PATHS = 3
+# Table functions that generate rows rather than read data from somewhere.
+_GENERATORS = {"range", "generate_series", "unnest", "generate_subscripts"}
+_FILE = re.compile(r"[./\\].*\.(csv|tsv|txt|parquet|json|ndjson|jsonl|gz|zst|xlsx)$", re.I)
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,12 @@ class Checker:
         allowed = self._declared_relations(node["unique_id"], set())
         for scope in root.traverse():
             for table in scope.tables:
+                reader = _file_reader(table)
+                if reader:
+                    self._find(node, None, f"reads data outside any relation ({reader}): "
+                               "deid cannot know what it holds; land it in the restricted "
+                               "zone and declare it as a source")
+                    continue
                 key = _table_key(table)
                 if self._table_in_zone(table) and not any(
                         _same_relation(key, k) for k in allowed):
@@ -317,6 +326,18 @@ class Checker:
             for name, taint in rel.columns.items():
                 columns[name] = columns.get(name, CLEAN) | taint
         return columns, matches[0].label
+
+
+def _file_reader(table: exp.Table) -> str | None:
+    """The function or path a FROM item reads when it is not a relation (a file, a URL, a
+    table function such as read_csv), else None."""
+    if isinstance(table.this, exp.Func):
+        fn = table.this
+        name = (fn.name if isinstance(fn, exp.Anonymous) else fn.sql_name()).lower()
+        return None if name in _GENERATORS else name
+    if not table.db and _FILE.search(table.name):
+        return "a file path"
+    return None
 
 
 def _has_guard(node: dict[str, Any]) -> bool:
