@@ -271,7 +271,7 @@ class Checker:
             return None
         if not self.in_zone(node):
             self._check_reads(node, root)
-        trace = _Trace(self, _display(node))
+        trace = _Trace(self)
         columns = trace.scope_output(root)
         out = {name: frozenset(o.extend(f"{_display(node)}.{name}") for o in taint)
                for name, taint in columns.items()}
@@ -368,10 +368,10 @@ def _describe(taint: Taint, column: str) -> str:
 class _Trace:
     """Column taint through the scopes of one query."""
 
-    def __init__(self, checker: Checker, model: str) -> None:
+    def __init__(self, checker: Checker) -> None:
         self.checker = checker
-        self.model = model
         self.memo: dict[int, dict[str, Taint]] = {}
+        self.seen_through: dict[tuple[str, int], dict[str, Taint]] = {}
         self.resolving: set[tuple[int, str]] = set()
 
     def scope_output(self, scope: Scope) -> dict[str, Taint]:
@@ -421,6 +421,13 @@ class _Trace:
         return out
 
     def _source_columns(self, alias: str, source: Scope | exp.Table) -> dict[str, Taint]:
+        """A source's tainted columns, each path extended by `alias.column`."""
+        key = (alias, id(source))
+        if key not in self.seen_through or not self.seen_through[key]:
+            self.seen_through[key] = self._columns_through(alias, source)
+        return self.seen_through[key]
+
+    def _columns_through(self, alias: str, source: Scope | exp.Table) -> dict[str, Taint]:
         if isinstance(source, Scope):
             columns = dict(self.scope_output(source))
             for name, taint in self.checker.ephemeral.get(alias, {}).items():
