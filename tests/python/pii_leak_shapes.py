@@ -8,15 +8,21 @@ forgot about PII would document it: nothing in the yml says the column is sensit
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 C = "{{ ref('stg_pharmacy__customers') }}"
 ORD = "{{ ref('stg_pharmacy__orders') }}"
 S = "{{ ref('stg_pharmacy__stores') }}"
 P = "{{ ref('stg_pharmacy__payments') }}"
 RX = "{{ ref('stg_pharmacy__prescriptions') }}"
-TABLE = "{{ config(materialized='table') }}\n"
+# raw.raw_customers by name, without source(): the name the source renders to wherever the
+# landing data lives (a schema, or an attached database), and no edge in dbt's graph.
+RAW_CUSTOMERS = ("{% if execute %}{{ graph.sources['source.deid.pharmacy.customers']"
+                 ".relation_name }}{% else %}raw.raw_customers{% endif %}")
 CUSTOMER_COLUMNS = ["customer_id", "full_name", "email", "ssn", "date_of_birth",
                     "street_address", "city", "state", "zip", "region", "created_at", "phone"]
 
@@ -132,11 +138,11 @@ LEAKS = [
     leak("leak_ephemeral_chain", "select contact as reach from {{ ref('eph_contacts') }}",
          ["reach"], extra={"eph_contacts": f"{{{{ config(materialized='ephemeral') }}}}\n"
                                            f"select email as contact from {C}"}),
-    leak("leak_raw_direct", "select email as contact from raw.raw_customers", ["contact"],
+    leak("leak_raw_direct", f"select email as contact from {RAW_CUSTOMERS}", ["contact"],
          guard_sees=True),
     leak("leak_raw_direct_join",
          f"select c.region, r.phone as reach from {C} as c\n"
-         "join raw.raw_customers as r on r.customer_id = c.customer_id",
+         f"join {RAW_CUSTOMERS} as r on r.customer_id = c.customer_id",
          ["region", "reach"], guard_sees=True),
     # The landing file itself, read by a model: no relation, no declaration.
     leak("leak_read_csv",
@@ -235,7 +241,7 @@ select * from {{ source('pharmacy', 'customers') }}
 BATTERY_SOURCES = """
 sources:
   - name: battery
-    schema: raw
+    schema: raw{database}
     tables:
       - name: leads
         identifier: raw_leads
@@ -272,7 +278,13 @@ def write_shapes(project: Path, root: Path) -> None:
         for name, sql in shape.extra.items():
             (folder / f"{name}.sql").write_text(sql + "\n")
         (staging_yml if "staging" in shape.folder else models_yml).append(_yml_entry(shape))
-    (reports / "_reports__models.yml").write_text("".join(models_yml) + BATTERY_SOURCES)
+    # The second landing table lives where the example's landing data lives.
+    pharmacy = yaml.safe_load((project / "models" / "staging" / "pharmacy" /
+                               "_pharmacy__sources.yml").read_text())["sources"][0]
+    database = (f"\n    database: {json.dumps(pharmacy['database'])}"
+                if "database" in pharmacy else "")
+    (reports / "_reports__models.yml").write_text(
+        "".join(models_yml) + BATTERY_SOURCES.replace("{database}", database))
     (project / "models" / "staging" / "pharmacy" / "_battery__models.yml").write_text(
         "".join(staging_yml))
     (project / "snapshots").mkdir()
