@@ -9,25 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from dbt_project_copy import copy_project
+from dbt_project_copy import ROOT, copy_project
 
 pytestmark = pytest.mark.e2e
 
+
+def readme_project_config() -> str:
+    """The dbt_project.yml snippet of the README's "Using deid in your dbt project"."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```yaml\n# dbt_project.yml:") + len("```yaml\n")
+    return readme[start:readme.index("```", start)]
+
+
+# The README's snippet as a consumer copies it, with tables (the test reads them back).
 CONSUMER_PROJECT = """
 name: clinic
 version: "1.0.0"
 config-version: 2
 profile: clinic
-models:
-  clinic:
-    +materialized: table
-    +post-hook: ["{{ deid.pii_guard() }}"]
-  deid:
-    +enabled: false
-seeds:
-  deid:
-    +enabled: false
-"""
+""" + readme_project_config().replace("your_project", "clinic").replace(
+    "models:\n  clinic:\n", "models:\n  clinic:\n    +materialized: table\n")
 
 PROFILE = """
 clinic:
@@ -86,8 +87,10 @@ def test_consumer_project_tokenizes_through_the_local_package(tmp_path: Path) ->
                           env=env, text=True, capture_output=True, timeout=120)
     assert init.returncode == 0, init.stdout + init.stderr
     dbt = str(Path(sys.executable).with_name("dbt"))
-    for args in (["deps"], ["run"]):
-        proc = subprocess.run([dbt, *args], cwd=consumer, env=env, text=True,
+    # The README's build: dbt compile && deid check && dbt build (run: no tests here).
+    for cmd in ([dbt, "deps"], [dbt, "compile"], [str(Path(dbt).with_name("deid")), "check"],
+                [dbt, "run"]):
+        proc = subprocess.run(cmd, cwd=consumer, env=env, text=True,
                               capture_output=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     con = duckdb.connect(str(consumer / "clinic.duckdb"), read_only=True)
