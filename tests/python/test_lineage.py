@@ -3,11 +3,14 @@ refuses, and that it fails closed. (The battery, test_pii_battery.py, runs it on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from deid.cli import main
 from deid.lineage import Checker, Settings
 
 GUARD = [{"sql": "{{ deid.pii_guard() }}", "transaction": True}]
@@ -152,3 +155,25 @@ def test_reading_files_from_a_model_outside_the_zone_is_refused(from_: str) -> N
 
 def test_generated_rows_are_not_file_reads() -> None:
     assert run(_model("m", "select range as n from range(3)", parents=())) == {}
+
+
+def test_the_cli_finds_the_manifest_where_dbt_wrote_it(tmp_path: Path) -> None:
+    """`deid check` reads DBT_TARGET_PATH as dbt does (make demo-postgres sets it)."""
+    leak = _model("leak", f"select email as contact from {PEOPLE}")
+    manifest = {"metadata": {"adapter_type": "duckdb"},
+                "sources": {"source.p.crm.people": _source()},
+                "nodes": {leak["unique_id"]: leak}}
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "manifest.json").write_text(json.dumps(manifest))
+    runner = CliRunner()
+    missing = runner.invoke(main, ["check", "--project-dir", str(tmp_path)])
+    assert missing.exit_code == 1 and "run `dbt compile` first" in missing.output
+    found = runner.invoke(main, ["check", "--project-dir", str(tmp_path)],
+                          env={"DBT_TARGET_PATH": "elsewhere"})
+    assert found.exit_code == 1
+    assert "deid check: leak.contact: declared PII (email)" in found.output
+    leak["compiled_code"] = f"select deid.tokenize(email, 'email') as contact from {PEOPLE}"
+    (tmp_path / "elsewhere" / "manifest.json").write_text(json.dumps(manifest))
+    clean = runner.invoke(main, ["check", "--project-dir", str(tmp_path),
+                                 "--target-path", str(tmp_path / "elsewhere")])
+    assert clean.exit_code == 0, clean.output

@@ -316,15 +316,18 @@ def synth(out: Path, customers: int, seed: int, distinct_ratio: float) -> None:
 @main.command()
 @click.option("--project-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
               default=".", show_default=True, help="The dbt project (its dbt_project.yml vars).")
+@click.option("--target-path", envvar="DBT_TARGET_PATH", show_envvar=True, default="target",
+              show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="dbt's target path (relative: to the project), as dbt reads it.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Default: <project-dir>/target/manifest.json (after `dbt compile`).")
-def check(project_dir: Path, manifest: Path | None) -> None:
+              help="Default: <target-path>/manifest.json (after `dbt compile`).")
+def check(project_dir: Path, target_path: Path, manifest: Path | None) -> None:
     """Column lineage over the compiled SQL: fail (exit 1) when declared PII reaches a relation
     outside the restricted zone without deid.tokenize or a registered generalizer."""
     # sqlglot comes with the engine extras (deid[duckdb], …), not with the vault CLI alone.
     from .lineage import check as check_lineage
 
-    manifest = manifest or project_dir / "target" / "manifest.json"
+    manifest = manifest or project_dir / target_path / "manifest.json"
     if not manifest.is_file():
         raise click.ClickException(f"{manifest} not found: run `dbt compile` first")
     findings = check_lineage(manifest, project_dir)
