@@ -403,15 +403,17 @@ class _Trace:
             out[name] = out.get(name, CLEAN) | self.taint(projection, scope)
         return out
 
-    def _expand_star(self, scope: Scope, projection: exp.Expression,
+    def _expand_star(self, scope: Scope, projection: exp.Expr,
                      star: exp.Star) -> dict[str, Taint]:
         qualifier = projection.table.lower() if isinstance(projection, exp.Column) else ""
-        sources = ([(qualifier, scope.sources[qualifier])] if qualifier in scope.sources
-                   else list(scope.selected_sources.items()) if not qualifier else [])
+        sources: list[tuple[str, Scope | exp.Table]]
+        if qualifier:
+            sources = ([(qualifier, scope.sources[qualifier])]
+                       if qualifier in scope.sources else [])
+        else:
+            sources = [(alias, pair[1]) for alias, pair in scope.selected_sources.items()]
         out: dict[str, Taint] = {}
         for alias, source in sources:
-            if isinstance(source, tuple):
-                source = source[1]
             for name, taint in self._source_columns(alias, source).items():
                 out[name] = out.get(name, CLEAN) | taint
         for col in star.args.get("except_") or []:
@@ -438,7 +440,7 @@ class _Trace:
         return {name: frozenset(o.extend(f"{label}.{name}") for o in taint)
                 for name, taint in columns.items()}
 
-    def taint(self, node: exp.Expression, scope: Scope) -> Taint:
+    def taint(self, node: exp.Expr, scope: Scope) -> Taint:
         """Declared PII that flows into the value of `node`, in `scope`."""
         if isinstance(node, exp.Column):
             return self._column(node, scope)
@@ -472,7 +474,7 @@ class _Trace:
             return self._union([node.args.get("true"), node.args.get("false")], scope)
         return self._union(node.iter_expressions(), scope)
 
-    def _union(self, nodes: Iterable[exp.Expression | None], scope: Scope) -> Taint:
+    def _union(self, nodes: Iterable[exp.Expr | None], scope: Scope) -> Taint:
         out: set[Origin] = set()
         for child in nodes:
             if child is not None:
@@ -542,7 +544,7 @@ def _scopes_outward(scope: Scope) -> Iterator[Scope]:
         current = current.parent if current.is_subquery else None
 
 
-def _star(projection: exp.Expression) -> exp.Star | None:
+def _star(projection: exp.Expr) -> exp.Star | None:
     if isinstance(projection, exp.Star):
         return projection
     if isinstance(projection, exp.Column) and isinstance(projection.this, exp.Star):
