@@ -15,6 +15,11 @@ What it implements (request and response bodies as in Skyflow's API reference):
 - ``POST /v1/vaults/<id>/detokenize`` — ``{"detokenizationParameters": [{"token",
   "redaction"}], "continueOnError"}`` → ``{"records": [{"token", "valueType", "value"}]}``;
   an unknown token is a 404 unless continueOnError, which puts ``"error"`` on the record.
+- ``DELETE /v1/vaults/<id>/<table>`` — bulk delete ``{"skyflow_ids": ["…"]}`` →
+  ``{"RecordIDResponse": ["…"]}``. The records' values and their tokens are gone: a deleted
+  record's token is "not found" by detokenize, and the value inserted again gets a new token
+  (unless ``reissue_tokens_after_delete`` is set, which models a column whose deterministic
+  tokens are derived from the value and so come back unchanged).
 - Errors: ``{"error": {"grpc_code", "http_code", "http_status", "message", "details": []}}``
   with an ``x-request-id`` header. Messages quote the offending value, as real services may,
   so tests can check that a client never repeats them.
@@ -62,7 +67,7 @@ DEFAULT_SCHEMA: dict[str, dict[str, str]] = {
     "deid_strings": {"value": "string_group"},
 }
 
-ALL_OPS = frozenset({"insert", "tokenize", "detokenize"})
+ALL_OPS = frozenset({"insert", "tokenize", "detokenize", "delete"})
 
 _STATUS_TEXT = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
                 409: "Conflict", 429: "Too Many Requests", 500: "Internal Server Error",
@@ -106,8 +111,9 @@ class FakeSkyflow:
     """The server's state. Start with `start()`; `url` and `vault_url()` tell where it is."""
 
     def __init__(self, *, schema: dict[str, dict[str, str]] | None = None,
-                 token_ttl: float = 3600.0) -> None:
+                 token_ttl: float = 3600.0, reissue_tokens_after_delete: bool = False) -> None:
         self.schema = schema or DEFAULT_SCHEMA
+        self.reissue_tokens_after_delete = reissue_tokens_after_delete
         self.clock = time.time  # when access tokens are issued and expire
         self.token_ttl = token_ttl
         self._lock = threading.Lock()
@@ -330,8 +336,27 @@ class FakeSkyflow:
         if token is None:
             token = str(uuid.uuid4())
             self._tokens[key] = token
-            self._values[token] = key
+        self._values[token] = key
         return token
+
+    def delete(self, table: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if table not in self.schema:
+            return _error(404, f"table {table} not found in vault {VAULT_ID}")
+        ids = body.get("skyflow_ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            return _error(400, "skyflow_ids must be a non-empty list of record IDs")
+        with self._lock:
+            missing = [i for i in ids if i not in self.records[table]]
+            if missing:
+                return _error(404, f"record {missing[0]} not found")
+            for sid in dict.fromkeys(ids):
+                for col, val in self.records[table].pop(sid).items():
+                    key = (table, col, val)
+                    self._index.pop(key, None)
+                    self._values.pop(self._tokens.get(key, ""), None)
+                    if not self.reissue_tokens_after_delete:
+                        self._tokens.pop(key, None)
+        return 200, {"RecordIDResponse": list(dict.fromkeys(ids))}
 
     def tokenize(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         params = body.get("tokenizationParameters")
@@ -402,7 +427,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_POST(self) -> None:
+    def do_DELETE(self) -> None:
+        self.do_POST(method="DELETE")
+
+    def do_POST(self, method: str = "POST") -> None:
         fake = self.fake
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
@@ -413,7 +441,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0]
         prefix = f"/v1/vaults/{VAULT_ID}/"
-        if path == TOKEN_PATH:
+        if method == "DELETE":
+            if not (path.startswith(prefix) and "/" not in path[len(prefix):]):
+                self._send(*_error(404, f"no route DELETE {path}"))
+                return
+            op = "delete"
+        elif path == TOKEN_PATH:
             op = "token"
         elif path == prefix + "tokenize":
             op = "tokenize"
@@ -443,6 +476,8 @@ class _Handler(BaseHTTPRequestHandler):
                         status, payload = fake.insert(path[len(prefix):], body)
                     elif op == "tokenize":
                         status, payload = fake.tokenize(body)
+                    elif op == "delete":
+                        status, payload = fake.delete(path[len(prefix):], body)
                     else:
                         status, payload = fake.detokenize(body)
         headers = {}

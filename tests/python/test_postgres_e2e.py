@@ -276,6 +276,14 @@ def test_vault_ddl_in_dbt_matches_the_store(built):
               from information_schema.columns where table_schema = %s order by 1, 2"""
     assert query(built, pg_cluster.ADMIN, cols, ("deid_vault",)) == query(
         built, pg_cluster.ADMIN, cols, ("ddl_check",))
+    # The erasure guards: the same triggers, running the same functions.
+    triggers = """select t.tgname, t.tgtype, p.proname, replace(p.prosrc, %s, '')
+                  from pg_trigger t join pg_proc p on p.oid = t.tgfoid
+                  where t.tgrelid = (%s || '.tokens')::regclass and not t.tgisinternal
+                  order by 1"""
+    dbt_side = query(built, pg_cluster.ADMIN, triggers, ("deid_vault", "deid_vault"))
+    assert [r[0] for r in dbt_side] == ["erase_guard", "never_reissue_erased"]
+    assert dbt_side == query(built, pg_cluster.ADMIN, triggers, ("ddl_check", "ddl_check"))
 
 
 def test_no_raw_value_in_compiled_sql_or_logs(built):
@@ -388,7 +396,8 @@ def test_attack_an_analyst_holding_locks_does_not_stop_the_vault(built):
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            for key in ("deid audit deid_vault", "deid mint deid_vault"):
+            for key in ("deid audit deid_vault", "deid mint deid_vault",
+                        "deid erase deid_vault"):
                 cur.execute("select pg_advisory_lock(hashtext(%s))", (key,))
             for sql in ("lock table deid_vault.locks", "select * from deid_vault.locks for update"):
                 cur.execute("begin")
@@ -405,3 +414,30 @@ def test_attack_an_analyst_holding_locks_does_not_stop_the_vault(built):
         assert _kinds.is_token(token, "email")
     finally:
         conn.close()
+
+
+def test_an_erased_customer_refuses_detokenize_and_a_rebuild_mints_a_new_token(built):
+    """deid forget against the dbt-built vault: the PII reader's detokenize says "erased",
+    and the next build (SECURITY DEFINER UDF, erasure triggers) gives the email a new token."""
+    from deid.service import VaultTokenService
+
+    cid, old = query(built, pg_cluster.ADMIN, "select customer_key, email_token from "
+                     "analytics.dim_customers where email_token is not null "
+                     "order by customer_key limit 1")[0]
+    store = open_store(built["cluster"].url() + "?schema=deid_vault")
+    try:
+        assert VaultTokenService(store).forget("email", tokens=[old], principal="dpo") == 1
+    finally:
+        store.close()
+    err = refused(built, "pii_reader", "select deid.detokenize(email_token) from "
+                  f"analytics.dim_customers where email_token = '{old}'")
+    assert err.pgcode == "22023" and "erased" in str(err) and old not in str(err)
+    dbt(built, "transformer", "run", "--select", "dim_customers")
+    new, email, raw_id = query(
+        built, "pii_reader", "select email_token, deid.detokenize(email_token), "
+        f"deid.detokenize(customer_key) from analytics.dim_customers where customer_key = '{cid}'"
+    )[0]
+    raw_email = query(built, pg_cluster.ADMIN, "select email from raw.raw_customers "
+                      f"where customer_id::text = '{raw_id}'")[0][0]
+    assert new != old
+    assert email == _kinds.normalize(_kinds.parse_kind("email").kind, raw_email)[0]

@@ -52,5 +52,10 @@ class BoundedCache:
                     self._cold, self._hot, self._hot_size = self._hot, {}, 0
                     hot = self._hot.setdefault(namespace, {})
 
+    def clear(self) -> None:
+        """Drop every entry (a vault erased something: no entry may be served again)."""
+        with self._lock:
+            self._hot, self._cold, self._hot_size = {}, {}, 0
+
     def __len__(self) -> int:
         return sum(map(len, self._hot.values())) + sum(map(len, self._cold.values()))

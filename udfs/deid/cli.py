@@ -1,4 +1,5 @@
-"""``deid``: administer a deid vault (keys, tokenize and detokenize policies, audit log, stats).
+"""``deid``: administer a deid vault (keys, tokenize and detokenize policies, audit log,
+erasure, stats).
 
 The vault is chosen by ``--vault`` or ``DEID_VAULT`` (default ``sqlite:///.deid/vault.db``).
 Nothing here prints a value, a token or key material.
@@ -6,11 +7,14 @@ Nothing here prints a value, a token or key material.
 
 from __future__ import annotations
 
+import csv
+import datetime as _dt
 import getpass
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -18,8 +22,8 @@ from . import _audit
 from ._policy import ALL_DOMAINS
 from .errors import DeidError
 from .service import VaultTokenService
-from .stores import StoredValue
-from .vault import VaultConfig, open_store
+from .stores import Erasure, StoredValue
+from .vault import VaultConfig, open_service, open_store
 
 _vault_option = click.option(
     "--vault", envvar="DEID_VAULT", default=None, show_envvar=True,
@@ -276,6 +280,90 @@ def audit_checkpoint(vault: str | None, head: Path) -> None:
     click.echo(f"checkpoint: record {doc['seq']}, head {doc['hash']} appended to {head}")
 
 
+def _lines(stream: TextIO) -> Iterator[str]:
+    """One item per line; blank lines skipped; nothing echoed."""
+    for line in stream:
+        item = line.rstrip("\r\n")
+        if item.strip():
+            yield item
+
+
+@main.command()
+@click.argument("kind")
+@click.option("--values-from", type=click.File("r", encoding="utf-8"),
+              help="Erase these values, one per line ('-' reads stdin). Never pass a value "
+                   "as an argument: it would stay in shell history and the process list.")
+@click.option("--token", "tokens", multiple=True, help="Erase this token (repeatable).")
+@click.option("--tokens-from", type=click.File("r", encoding="utf-8"),
+              help="Erase these tokens, one per line ('-' reads stdin).")
+@_vault_option
+def forget(kind: str, values_from: TextIO | None, tokens: tuple[str, ...],
+           tokens_from: TextIO | None, vault: str | None) -> None:
+    """Erase a person from the vault: destroy the values' encrypted records of KIND
+    (``kind`` or ``kind:domain``) and their fingerprint entries.
+
+    Their tokens then fail to detokenize with an "erased" error, and the same value
+    tokenized later gets a new token. Audited (who, when, kind, domain, count). A vault
+    administrator's command: it needs the vault's own credentials, like grant and keys.
+    """
+    if values_from is not None and (tokens or tokens_from is not None):
+        raise click.UsageError("pass values (--values-from) or tokens (--token, "
+                               "--tokens-from), not both")
+    config = VaultConfig.from_env({"vault": vault} if vault else None)
+    svc = open_service(VaultConfig(config.url, cache_size=0, detokenize_cache_size=0))
+    if values_from is not None:
+        items = list(_lines(values_from))
+        n = svc.forget(kind, values=items, principal=_admin())
+    elif tokens or tokens_from is not None:
+        items = [*tokens, *(_lines(tokens_from) if tokens_from is not None else ())]
+        n = svc.forget(kind, tokens=items, principal=_admin())
+    else:
+        raise click.UsageError("nothing to erase: pass --values-from, --token or --tokens-from")
+    distinct = len(set(items))
+    click.echo(f"erased {n} vault record(s) of kind {kind} ({distinct - n} of {distinct} "
+               "given were not in the vault or already erased)")
+    click.echo("downstream copies: list erased tokens with deid erased --since <date>")
+
+
+def _since(text: str | None) -> str | None:
+    """An ISO date or time, as the UTC text the vault stores (so it compares as text)."""
+    if text is None:
+        return None
+    try:
+        at = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter("expected an ISO 8601 date or time, e.g. 2026-01-31 or "
+                                 "2026-01-31T12:00:00+00:00", param_hint="--since") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=_dt.UTC)
+    return at.astimezone(_dt.UTC).isoformat(timespec="milliseconds")
+
+
+@main.command()
+@click.option("--since", help="Only tokens erased at or after this ISO date/time (UTC).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv",
+              show_default=True)
+@click.option("--out", type=click.File("w", encoding="utf-8"), default="-",
+              help="Write here instead of stdout (e.g. seeds/deid_erased_tokens.csv).")
+@_vault_option
+def erased(since: str | None, fmt: str, out: TextIO, vault: str | None) -> None:
+    """List erased tokens (token, kind, domain, erased_at) so downstream copies of mart rows
+    can be found and cleaned; load it as a dbt seed for the deid.no_erased_tokens test.
+    Tokens only: the values are gone."""
+    config = VaultConfig.from_env({"vault": vault} if vault else None)
+    svc = open_service(VaultConfig(config.url, cache_size=0, detokenize_cache_size=0))
+    rows: Iterator[Erasure] = svc.erasures(_since(since))
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["token", "kind", "domain", "erased_at"])
+        for e in rows:
+            writer.writerow([e.token, e.kind, e.domain, e.erased_at])
+    else:
+        for e in rows:
+            out.write(json.dumps({"token": e.token, "kind": e.kind, "domain": e.domain,
+                                  "erased_at": e.erased_at}) + "\n")
+
+
 @main.command()
 @_vault_option
 @click.option("--json", "as_json", is_flag=True)
@@ -289,6 +377,7 @@ def stats(vault: str | None, as_json: bool) -> None:
     for name, n in data["tokens"].items():
         click.echo(f"  {name:<28} {n:>10} tokens")
     click.echo(f"key versions: {json.dumps(data['key_versions'])}")
+    click.echo(f"erased tokens: {data.get('erased', 0)}")
     click.echo(f"principals: {data['principals']}   tokenize grants: "
                f"{data.get('tokenize_grants', 0)}   audit records: {data['audit_records']}")
 

@@ -45,6 +45,15 @@ class UnknownTokenError(DeidError):
     """detokenize was given something that is not a token held by this vault."""
 
 
+class ErasedTokenError(UnknownTokenError):
+    """detokenize was given a token whose vault record was erased (``deid forget``).
+
+    A subclass of UnknownTokenError, so code that treats unknown tokens as failures keeps
+    failing closed; the distinct class (and message) tells a person the value was forgotten
+    on purpose, not lost or forged.
+    """
+
+
 class PermissionDeniedError(DeidError):
     """The principal is not in the vault's detokenize policy."""
 

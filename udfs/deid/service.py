@@ -12,8 +12,9 @@ string.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,15 +23,19 @@ from . import kinds as _kinds
 from ._cache import BoundedCache
 from ._policy import Gate
 from .errors import (
+    DeidError,
+    ErasedTokenError,
     InvalidValueError,
     StaleKeyVersionError,
     UnknownTokenError,
     VaultKeyError,
     VaultUnavailableError,
 )
-from .stores import NewRecord, StoredValue, VaultStore
+from .stores import Erasure, NewRecord, StoredValue, VaultStore
 
 DEFAULT_CACHE_SIZE = 1_000_000
+# How stale a long-lived process's tokenize cache may be after an erasure elsewhere (s).
+DEFAULT_ERASURE_CHECK_S = 1.0
 _MAX_COLLISION_RETRIES = 8
 
 
@@ -58,6 +63,11 @@ class TokenService(Protocol):
                    query_id: str | None = None, host: str | None = None) -> list[str | None]: ...
 
     def flush_audit(self) -> None: ...
+
+    def forget(self, kind: str, *, values: Sequence[str] | None = None,
+               tokens: Sequence[str] | None = None, principal: str) -> int: ...
+
+    def erasures(self, since: str | None = None) -> Iterator[Erasure]: ...
 
 
 class TokenizeBatch:
@@ -169,11 +179,20 @@ class VaultTokenService:
     `detokenize_cache_size` the detokenize cache (token → value); 0 disables one. These, not
     the row count, bound the service's memory. `gate` checks the vault's policies and appends
     the audit log (one is made over the store when not given).
+
+    Erasure and the caches: `forget` empties this service's caches. Another process's erasure
+    is seen through the vault's erasure epoch: detokenize reads it on every call that would
+    serve a value from the cache, so no cached value of an erased token is served once the
+    erasure has committed; tokenize reads it at most every `erasure_check_s` seconds, so a
+    long-lived process may hand out an erased value's old token for that long (the mart then
+    holds an erased token, which ``deid erased`` and the ``deid.no_erased_tokens`` test
+    report).
     """
 
     def __init__(self, store: VaultStore, *, cache_size: int = DEFAULT_CACHE_SIZE,
                  detokenize_cache_size: int = DEFAULT_CACHE_SIZE,
-                 gate: Gate | None = None) -> None:
+                 gate: Gate | None = None,
+                 erasure_check_s: float = DEFAULT_ERASURE_CHECK_S) -> None:
         self.store = store
         self.keyring = store.keyring()
         self._token_cache = BoundedCache(cache_size)
@@ -181,6 +200,23 @@ class VaultTokenService:
         self.gate = gate or Gate(store)
         if self.gate.seal is None:
             self.gate.seal = self._seal
+        self._erasure_check_s = erasure_check_s
+        self._epoch: int | None = None
+        self._epoch_checked = float("-inf")
+
+    def _check_erasures(self, *, now: bool = False) -> bool:
+        """Empty the caches if the vault erased something since the last look; True if so."""
+        t = time.monotonic()
+        if not now and t - self._epoch_checked < self._erasure_check_s:
+            return False
+        epoch = self.store.erasure_epoch()
+        self._epoch_checked = t
+        cleared = self._epoch is not None and epoch != self._epoch
+        if cleared:
+            self._token_cache.clear()
+            self._value_cache.clear()
+        self._epoch = epoch
+        return cleared
 
     def _seal(self, prev: str, record: dict[str, Any]) -> str:
         return self.keyring.chain(prev, record)  # the keyring may be reloaded meanwhile
@@ -190,6 +226,7 @@ class VaultTokenService:
     def tokenize(self, kind: str, values: Sequence[str | None], *,
                  column: str | None = None, principal: str | None = None,
                  query_id: str | None = None, host: str | None = None) -> list[str | None]:
+        self._check_erasures()
         batch = TokenizeBatch(kind, values, column=column, cache=self._token_cache,
                               gate=self.gate, principal=principal, query_id=query_id,
                               host=host)
@@ -260,7 +297,12 @@ class VaultTokenService:
         counts = Counter(tokens)  # the work below is per distinct token, not per row
         counts.pop(None, None)
         distinct = list(counts)
-        values = dict(zip(distinct, self._value_cache.lookup("values", distinct), strict=True))
+        cached = self._value_cache.lookup("values", distinct)
+        # Before a cached value is served, ask the vault whether anything was erased since
+        # (tokens not in the cache are read from the vault anyway, which knows).
+        if any(v is not None for v in cached) and self._check_erasures(now=True):
+            cached = [None] * len(distinct)
+        values = dict(zip(distinct, cached, strict=True))
         kinds: Counter[str] = Counter()
         malformed = []
         for t, n in counts.items():
@@ -280,9 +322,18 @@ class VaultTokenService:
 
         need = [t for t, v in values.items() if v is None]
         if need:
+            if self._epoch is None:
+                # The epoch later checks compare with must predate what this call caches.
+                self._check_erasures(now=True)
             stored = self.store.fetch_values(need)
             unknown = [t for t in need if t not in stored]
             if unknown:
+                erased = self.store.erased(unknown)
+                if erased:
+                    raise ErasedTokenError(
+                        f"deid.detokenize: row {_first_row(tokens, list(erased))} of the batch "
+                        "holds a token whose value was erased from the vault (deid forget); "
+                        "it can never be detokenized again (not shown)")
                 raise UnknownTokenError(
                     f"deid.detokenize: row {_first_row(tokens, unknown)} of the batch holds a "
                     "token this vault never issued (forged, truncated, or from another vault; "
@@ -291,6 +342,54 @@ class VaultTokenService:
             values.update(fetched)
             self._value_cache.store("values", fetched)
         return list(map(values.get, tokens))
+
+    # -- erasure ----------------------------------------------------------------------------
+
+    def forget(self, kind: str, *, values: Sequence[str] | None = None,
+               tokens: Sequence[str] | None = None, principal: str) -> int:
+        """Erase a person's values (or tokens) of one kind spec from the vault; return how
+        many vault records were erased.
+
+        By value: each value is normalized as `kind`, so any spelling that tokenize would
+        have matched finds the record. By token: only tokens of `kind`'s domain are erased.
+        Absent values, unknown and already-erased tokens count zero. The erasure is audited
+        (principal, kind spec with its domain, count; never a value or a token). Who may
+        call it is whoever holds the vault store itself (an administrator): no engine host
+        exposes it.
+        """
+        spec = _kinds.parse_kind(kind)
+        if (values is None) == (tokens is None):
+            raise DeidError("deid forget: pass values or tokens (exactly one)")
+        if values is not None:
+            distinct = list(dict.fromkeys(values))
+            for i, v in enumerate(distinct):
+                if not isinstance(v, str):
+                    raise InvalidValueError(spec.name, "is not text", row=i + 1)
+            try:
+                normalized = _kinds.normalize_many(spec.kind, distinct)
+            except _kinds._Invalid as exc:
+                raise InvalidValueError(spec.name, str(exc), row=exc.index + 1) from None
+            match_keys = list(dict.fromkeys(m for _c, m in normalized))
+            fps = self.keyring.fingerprints(spec.domain, match_keys)
+            erased = self.store.erase(spec.domain, fps) if fps else []
+        else:
+            assert tokens is not None
+            wanted = [t for t in dict.fromkeys(tokens) if isinstance(t, str)]
+            erased = self.store.erase_tokens(spec.domain, wanted) if wanted else []
+        # This process never serves what it just erased; others notice the epoch.
+        self._token_cache.clear()
+        self._value_cache.clear()
+        self._epoch = None
+        self._epoch_checked = float("-inf")
+        n = len(erased)
+        self.audit("forget", principal, "erased" if n else "nothing to erase", count=n,
+                   kinds={f"{spec.name}:{spec.domain}": n})
+        self.store.purge_erased()
+        return n
+
+    def erasures(self, since: str | None = None) -> Iterator[Erasure]:
+        """Tombstones of tokens erased at or after `since` (ISO 8601 UTC), oldest first."""
+        return self.store.erasures(since)
 
     def _decrypt(self, token: str, value: StoredValue) -> str:
         try:

@@ -52,14 +52,24 @@ class SkyflowClient:
     def post(self, path: str, body: dict[str, Any], *, what: str, scope: str | None = None,
              ctx: dict[str, str] | None = None) -> dict[str, Any]:
         """The decoded JSON object of a 200 answer; anything else raises, naming `what`."""
+        return self._send("POST", path, body, what=what, scope=scope, ctx=ctx)
+
+    def delete(self, path: str, body: dict[str, Any], *, what: str,
+               scope: str | None = None) -> dict[str, Any]:
+        """A DELETE with a JSON body (bulk record delete). Not retried after a lost answer:
+        a repeated delete of records already gone would fail."""
+        return self._send("DELETE", path, body, what=what, scope=scope, ctx=None)
+
+    def _send(self, method: str, path: str, body: dict[str, Any], *, what: str,
+              scope: str | None, ctx: dict[str, str] | None) -> dict[str, Any]:
         url = self.settings.vault_url + path
         for attempt in (1, 2):
             bearer = self.tokens.bearer(scope, ctx)
             try:
                 # auth= (not a header) so a ~/.netrc entry can never replace the bearer
                 # token; no redirects, so the token never follows a 3xx elsewhere.
-                resp = self.session.post(url, json=body, timeout=self.timeout,
-                                         auth=_Bearer(bearer), allow_redirects=False)
+                resp = self.session.request(method, url, json=body, timeout=self.timeout,
+                                            auth=_Bearer(bearer), allow_redirects=False)
             except requests.RequestException as exc:
                 raise VaultUnavailableError(
                     f"{what}: Skyflow {_transport(exc)} after {self.settings.retries} "

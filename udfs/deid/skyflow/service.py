@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,12 +15,15 @@ from .._cache import BoundedCache
 from .._policy import Gate
 from ..errors import (
     ConfigError,
+    DeidError,
+    ErasedTokenError,
+    InvalidValueError,
     PermissionDeniedError,
     UnknownTokenError,
     VaultUnavailableError,
 )
-from ..service import TokenizeBatch
-from ..stores import VaultStore
+from ..service import DEFAULT_ERASURE_CHECK_S, TokenizeBatch
+from ..stores import Erasure, VaultStore
 from ..vault import open_store
 from .auth import Credentials, load_credentials
 from .client import SkyflowClient
@@ -70,6 +74,8 @@ class SkyflowTokenService:
         self.gate = Gate(self._policy, self._keyring.chain if self._keyring else None,
                          extra={"vault": settings.label})
         self._cache = BoundedCache(settings.cache_size)
+        self._epoch: int | None = None
+        self._epoch_checked = float("-inf")
         self._pool = ThreadPoolExecutor(max_workers=settings.concurrency,
                                         thread_name_prefix="deid-skyflow")
 
@@ -111,6 +117,7 @@ class SkyflowTokenService:
                 "deid.tokenize: the Skyflow vault URL has no policy= parameter: set "
                 "policy=<deid vault URL> for deid's tokenize and detokenize policies and "
                 "audit log, or policy=skyflow to leave them to Skyflow's roles and audit")
+        self._check_erasures()
         batch = TokenizeBatch(kind, values, column=column, cache=self._cache, gate=self.gate,
                               principal=principal, query_id=query_id, host=host)
         target = self._target(batch.spec)
@@ -137,6 +144,13 @@ class SkyflowTokenService:
         tokens = self._map_chunks(call, canonicals, self.settings.batch_size)
         if len(tokens) != len(canonicals):  # pragma: no cover - guarded per chunk
             raise _malformed(what, "token count differs from value count")
+        if self._policy is not None and self._policy.erased(tokens):
+            # A column whose tokens are derived from the value hands an erased person's old
+            # token out again: that would relink their new rows to the old ones.
+            raise VaultUnavailableError(
+                f"{what}: Skyflow returned a token that was erased (deid forget) for a value "
+                "of the batch; the column's token type gives a deleted value its old token "
+                "back, so erasure cannot unlink it: use a random token type (fail closed)")
         # Skyflow does not say which upserts were new: every value counts as existing.
         return batch.finish(self._cache, by_canonical, dict(zip(canonicals, tokens,
                                                                 strict=True)), new_raws=0)
@@ -218,9 +232,17 @@ class SkyflowTokenService:
         def call(chunk: list[str]) -> list[str]:
             return self._detokenize_chunk(chunk, ctx, scope, what)
 
-        values = dict(zip(distinct, self._map_chunks(call, distinct,
-                                                     self.settings.detokenize_batch_size),
-                          strict=True))
+        try:
+            found = self._map_chunks(call, distinct, self.settings.detokenize_batch_size)
+        except UnknownTokenError:
+            erased = self._policy.erased(distinct) if self._policy is not None else {}
+            if erased:
+                raise ErasedTokenError(
+                    f"{what}: row {next(i for i, t in enumerate(tokens) if t in erased) + 1} "
+                    "of the batch holds a token whose value was erased from the vault (deid "
+                    "forget); it can never be detokenized again (not shown)") from None
+            raise
+        values = dict(zip(distinct, found, strict=True))
         return [values[t] if t is not None else None for t in tokens]
 
     def _ctx(self, principal: str, query_id: str | None) -> dict[str, str] | None:
@@ -260,6 +282,112 @@ class SkyflowTokenService:
                     "from the batch was returned")
             out.append(value)
         return out
+
+    # -- erasure ------------------------------------------------------------------------------
+
+    def _check_erasures(self) -> None:
+        """Empty the tokenize cache when the policy store recorded an erasure (another
+        process ran deid forget); looked at every DEFAULT_ERASURE_CHECK_S seconds."""
+        if self._policy is None:
+            return
+        t = time.monotonic()
+        if t - self._epoch_checked < DEFAULT_ERASURE_CHECK_S:
+            return
+        epoch = self._policy.erasure_epoch()
+        self._epoch_checked = t
+        if epoch != self._epoch:
+            if self._epoch is not None:
+                self._cache.clear()
+            self._epoch = epoch
+
+    def forget(self, kind: str, *, values: Sequence[str] | None = None,
+               tokens: Sequence[str] | None = None, principal: str) -> int:
+        """Delete the Skyflow records holding these values (or the values of these tokens)
+        in the kind's column; return how many records were deleted.
+
+        Skyflow deletes by record id. The id comes from the same upsert tokenize sends (the
+        value travels in a request body, never in a URL), which also means a value Skyflow
+        did not hold is inserted and deleted at once and counts as deleted. By token, the
+        tokens are first detokenized (the service account needs the detokenize role) and
+        only records whose token was given are deleted. With a deid policy store the
+        erased tokens are kept there as tombstones and the deletion is audited.
+        """
+        spec = _kinds.parse_kind(kind)
+        target = self._target(spec)
+        if (values is None) == (tokens is None):
+            raise DeidError("deid forget: pass values or tokens (exactly one)")
+        what = f"deid forget: kind {_spec_key(spec)!r}"
+        wanted: set[str] | None = None
+        if values is not None:
+            canonicals = []
+            for i, v in enumerate(values):
+                if not isinstance(v, str):
+                    raise InvalidValueError(spec.name, "is not text", row=i + 1)
+                try:
+                    canonicals.append(_kinds.normalize(spec.kind, v)[0])
+                except _kinds._Invalid as exc:
+                    raise InvalidValueError(spec.name, str(exc), row=i + 1) from None
+        else:
+            assert tokens is not None
+            wanted = {t for t in tokens if isinstance(t, str) and t}
+            canonicals = self._held_values(sorted(wanted), what)
+        canonicals = list(dict.fromkeys(canonicals))
+        size = self.settings.batch_size
+        records: list[tuple[str, str]] = []  # (skyflow_id, token)
+        for i in range(0, len(canonicals), size):
+            chunk = canonicals[i : i + size]
+            body = {"records": [{"fields": {target.column: v}} for v in chunk],
+                    "tokenization": True, "upsert": target.column}
+            doc = self.client.post(f"/{target.table}", body, what=what)
+            for n, rec in enumerate(_records(doc, len(chunk), what)):
+                sid, tok = rec.get("skyflow_id"), (rec.get("tokens") or {}).get(target.column)
+                if not isinstance(sid, str) or not sid or not isinstance(tok, str) or not tok:
+                    raise _malformed(what, f"record {n + 1} has no skyflow_id or token")
+                records.append((sid, tok))
+        if wanted is not None:
+            records = [(sid, tok) for sid, tok in records if tok in wanted]
+        ids = list(dict.fromkeys(sid for sid, _tok in records))
+        for i in range(0, len(ids), size):
+            chunk = ids[i : i + size]
+            doc = self.client.delete(f"/{target.table}", {"skyflow_ids": chunk}, what=what)
+            confirmed = doc.get("RecordIDResponse")
+            if not isinstance(confirmed, list) or set(confirmed) != set(chunk):
+                raise _malformed(what, "the delete did not confirm every record")
+        self._cache.clear()
+        if self._policy is not None:
+            at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+            self._policy.record_erasures([Erasure(tok, spec.domain, spec.name, at)
+                                          for _sid, tok in records])
+        self.gate.append({"action": "forget", "principal": principal,
+                          "outcome": "erased" if ids else "nothing to erase",
+                          "count": len(ids), "kinds": {f"{spec.name}:{spec.domain}": len(ids)}})
+        return len(ids)
+
+    def _held_values(self, tokens: list[str], what: str) -> list[str]:
+        """The values of the tokens Skyflow holds (unknown ones are skipped, not fatal)."""
+        out: list[str] = []
+        size = self.settings.detokenize_batch_size
+        for i in range(0, len(tokens), size):
+            chunk = tokens[i : i + size]
+            body = {"detokenizationParameters": [{"token": t, "redaction": "PLAIN_TEXT"}
+                                                 for t in chunk],
+                    "continueOnError": True}
+            doc = self.client.post("/detokenize", body, what=what,
+                                   scope=self._scope(self.settings.detokenize_role))
+            for rec, token in zip(_records(doc, len(chunk), what), chunk, strict=True):
+                value = rec.get("value")
+                if rec.get("error") or rec.get("token") != token or not isinstance(value, str) \
+                        or not value or value == token:
+                    continue
+                out.append(value)
+        return out
+
+    def erasures(self, since: str | None = None) -> Iterator[Erasure]:
+        """Tombstones kept by the deid policy store (none with policy=skyflow)."""
+        if self._policy is None:
+            raise ConfigError("deid erased: with policy=skyflow no deid store keeps the erased "
+                              "tokens; use Skyflow's audit log, or set policy=<deid vault URL>")
+        return self._policy.erasures(since)
 
     # -- deid-side policy and audit ----------------------------------------------------------
 

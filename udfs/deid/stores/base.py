@@ -1,11 +1,11 @@
 """The interface every deid vault backend implements (SQLite, PostgreSQL, DynamoDB).
 
-A store keeps five things: the token index (domain + keyed fingerprint → token, unique on
-both), the encrypted values (token → key version + AES-GCM blob), the detokenize policy
-(principals), the tokenize policy (principal, domain, mode) and the hash-chained audit log.
-It never sees a clear value or a key: the token service encrypts and fingerprints before
-calling it. Every method takes and returns whole batches, because each call may be a network
-round trip.
+A store keeps six things: the token index (domain + keyed fingerprint → token, unique on
+both), the encrypted values (token → key version + AES-GCM blob), the tombstones of erased
+tokens, the detokenize policy (principals), the tokenize policy (principal, domain, mode) and
+the hash-chained audit log. It never sees a clear value or a key: the token service encrypts
+and fingerprints before calling it. Every method takes and returns whole batches, because
+each call may be a network round trip.
 """
 
 from __future__ import annotations
@@ -52,6 +52,18 @@ def check_key_versions(current: int | None, records: Sequence[NewRecord]) -> int
             f"vault's current version is {current} (keys rotated by another process)")
     newest = max(versions)
     return newest if current is None or newest > current else None
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """The tombstone of an erased token: what remains after its value and fingerprint are
+    destroyed. It keeps the token reserved (never issued again) and lets detokenize tell
+    "erased" from "unknown"; it holds nothing about the value."""
+
+    token: str
+    domain: str
+    kind: str
+    erased_at: str  # ISO 8601, UTC
 
 
 # seal(prev_hash, record) -> hash of this record; provided by the token service (keyed).
@@ -136,6 +148,49 @@ class VaultStore(ABC):
         """Rewrap: for each (token, old, new), replace the value only where it still is `old`
         (compare-and-swap: a record erased or rewrapped meanwhile is left alone); return how
         many were replaced."""
+
+    # -- erasure (crypto-shredding) ---------------------------------------------------
+    #
+    # Erasing a token deletes its encrypted value and its fingerprint index entry in one
+    # atomic step and leaves a tombstone (`Erasure`). Without the fingerprint entry the same
+    # value gets a new random token next time; without the ciphertext nothing can recover
+    # the value (backups aside, see README "Erasure"); the tombstone keeps the old token from
+    # ever being issued again, which would make old mart rows resolve to someone else.
+    # Every erase bumps the vault's erasure epoch, which long-lived token services poll to
+    # drop cached values and tokens.
+
+    @abstractmethod
+    def erase(self, domain: str, fingerprints: Sequence[bytes]) -> list[Erasure]:
+        """Erase the tokens these fingerprints map to in `domain`; return the tombstones
+        written (absent fingerprints are left out)."""
+
+    @abstractmethod
+    def erase_tokens(self, domain: str, tokens: Sequence[str]) -> list[Erasure]:
+        """Erase these tokens of `domain`; tokens that are unknown, already erased or of
+        another domain are left out of the result."""
+
+    @abstractmethod
+    def record_erasures(self, erasures: Sequence[Erasure]) -> None:
+        """Keep tombstones of tokens erased in an external vault (Skyflow), for its policy
+        store: detokenize can then say "erased", and a token that vault issues again for
+        another value is caught. Existing tombstones are kept."""
+
+    def purge_erased(self) -> None:  # noqa: B027 - optional hook
+        """Remove leftover copies of erased records from the store's own files (e.g. a
+        write-ahead log); raise VaultUnavailableError if that cannot be done now. Runs after
+        the erasure is committed and audited, so a retry is always safe."""
+
+    @abstractmethod
+    def erased(self, tokens: Sequence[str]) -> dict[str, Erasure]:
+        """The tombstones among these tokens (cold path: only for tokens not found)."""
+
+    @abstractmethod
+    def erasures(self, since: str | None = None) -> Iterator[Erasure]:
+        """Every tombstone erased at or after `since` (ISO 8601), oldest first."""
+
+    @abstractmethod
+    def erasure_epoch(self) -> int:
+        """A number that changes whenever something is erased (one cheap read)."""
 
     # -- policy ----------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ One table, partition key ``pk`` (string), no sort key:
 
 ====================================  ==========================================================
 ``fp#<domain>#<hex fingerprint>``     → ``token``: the convergent index
-``tok#<token>``                       → ``domain``, ``fp``, ``kind``, ``v`` (key version), ``ct``
+``tok#<token>``                       → ``domain``, ``fp``, ``kind``, ``v`` (key version), ``ct``;
+                                      erased: ``domain``, ``kind``, ``erased_at`` only
+``meta#erasure_epoch``                → ``n``: bumped by every erasure
 ``key#<version>``                     → ``wrapped``: a data key encrypted by KMS
 ``meta#fingerprint_key``              → ``wrapped``: the HMAC fingerprint key, KMS-encrypted
 ``meta#audit_key``                    → ``wrapped``: the audit-chain key, KMS-encrypted
@@ -58,7 +60,7 @@ from .. import keys as _keys
 from .._policy import strongest
 from .._url import parse_vault_url
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
-from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore
+from .base import GENESIS, Erasure, NewRecord, Sealer, StoredValue, VaultStore
 
 # DynamoDB limits: BatchGetItem 100 keys, TransactWriteItems 100 items (two per new token).
 _GET_CHUNK = 100
@@ -404,7 +406,7 @@ class DynamoDBStore(VaultStore):
         items = self._batch_get([f"tok#{t}" for t in dict.fromkeys(tokens)], "#pk, v, ct",
                                 consistent=True)
         return {i["pk"]["S"][4:]: StoredValue(int(i["v"]["N"]), bytes(i["ct"]["B"]))
-                for i in items}
+                for i in items if "ct" in i}  # an erased token's tombstone has no value
 
     def _scan(self, prefix: str, projection: str) -> Iterator[list[dict[str, Any]]]:
         kwargs: dict[str, Any] = {
@@ -428,6 +430,8 @@ class DynamoDBStore(VaultStore):
         batch: list[tuple[str, StoredValue]] = []
         for items in self._scan("tok#", "#pk, v, ct"):
             for i in items:
+                if "ct" not in i:
+                    continue  # erased
                 batch.append((i["pk"]["S"][4:], StoredValue(int(i["v"]["N"]), bytes(i["ct"]["B"]))))
                 if len(batch) >= batch_size:
                     yield batch
@@ -454,6 +458,93 @@ class DynamoDBStore(VaultStore):
             return 1
 
         return sum(self._map(update, list(rows)))
+
+    # -- erasure ----------------------------------------------------------------------------
+    #
+    # The tok# item stays as the tombstone (its value and fingerprint attributes removed), so
+    # the insert's attribute_not_exists(pk) condition never issues an erased token again; the
+    # fp# item is deleted, so the value's next tokenize mints a new token. Both in one
+    # transaction, conditional on the record still holding its value.
+
+    def _erase_items(self, domain: str, live: list[dict[str, Any]]) -> list[Erasure]:
+        """Erase tok# items (whole, as read); return the tombstones this call wrote."""
+        at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+        out: list[Erasure] = []
+        for item in live:
+            token = item["pk"]["S"][4:]
+            reasons = self._transact([
+                {"Update": {"TableName": self.table, "Key": {"pk": {"S": f"tok#{token}"}},
+                            "UpdateExpression": "REMOVE ct, v, fp SET erased_at = :at",
+                            "ConditionExpression": "attribute_exists(ct)",
+                            "ExpressionAttributeValues": {":at": {"S": at}}}},
+                {"Delete": {"TableName": self.table,
+                            "Key": {"pk": {"S": self._fp_pk(domain, bytes(item["fp"]["B"]))}},
+                            "ConditionExpression": "tok = :t",
+                            "ExpressionAttributeValues": {":t": {"S": token}}}},
+                {"Update": {"TableName": self.table, "Key": {"pk": {"S": "meta#erasure_epoch"}},
+                            "UpdateExpression": "ADD #n :one",
+                            "ExpressionAttributeNames": {"#n": "n"},
+                            "ExpressionAttributeValues": {":one": {"N": "1"}}}},
+            ])
+            if reasons is None:
+                out.append(Erasure(token, domain, item["kind"]["S"], at))
+            # else: a concurrent forget erased it first; its tombstone counts, not ours
+        return out
+
+    def _live_records(self, domain: str, tokens: Sequence[str]) -> list[dict[str, Any]]:
+        items = self._batch_get([f"tok#{t}" for t in dict.fromkeys(tokens)], None,
+                                consistent=True)
+        return [i for i in items if "ct" in i and i.get("domain", {}).get("S") == domain]
+
+    def erase(self, domain: str, fingerprints: Sequence[bytes]) -> list[Erasure]:
+        found = self._batch_get([self._fp_pk(domain, fp) for fp in fingerprints], "#pk, tok",
+                                consistent=True)
+        return self._erase_items(domain, self._live_records(
+            domain, [i["tok"]["S"] for i in found]))
+
+    def erase_tokens(self, domain: str, tokens: Sequence[str]) -> list[Erasure]:
+        return self._erase_items(domain, self._live_records(domain, tokens))
+
+    def record_erasures(self, erasures: Sequence[Erasure]) -> None:
+        for e in erasures:
+            self._put_if_absent({"pk": {"S": f"tok#{e.token}"}, "domain": {"S": e.domain},
+                                 "kind": {"S": e.kind}, "erased_at": {"S": e.erased_at}})
+        if erasures:
+            self._call("update_item", TableName=self.table,
+                       Key={"pk": {"S": "meta#erasure_epoch"}}, UpdateExpression="ADD #n :one",
+                       ExpressionAttributeNames={"#n": "n"},
+                       ExpressionAttributeValues={":one": {"N": "1"}})
+
+    def erased(self, tokens: Sequence[str]) -> dict[str, Erasure]:
+        items = self._batch_get([f"tok#{t}" for t in dict.fromkeys(tokens)], None,
+                                consistent=True)
+        return {i["pk"]["S"][4:]: Erasure(i["pk"]["S"][4:], i["domain"]["S"], i["kind"]["S"],
+                                          i["erased_at"]["S"])
+                for i in items if "erased_at" in i}
+
+    def erasures(self, since: str | None = None) -> Iterator[Erasure]:
+        """A filtered Scan of the table, sorted here: an administrator's report, not a hot
+        path (a vault erasing at scale would add an index on erased_at)."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "ProjectionExpression": "#pk, #d, kind, erased_at",
+            "FilterExpression": "begins_with(#pk, :p) AND erased_at >= :since",
+            "ExpressionAttributeNames": {"#pk": "pk", "#d": "domain"},
+            "ExpressionAttributeValues": {":p": {"S": "tok#"}, ":since": {"S": since or ""}},
+        }
+        found = []
+        while True:
+            out = self._call("scan", **kwargs)
+            found.extend(Erasure(i["pk"]["S"][4:], i["domain"]["S"], i["kind"]["S"],
+                                 i["erased_at"]["S"]) for i in out.get("Items", []))
+            if "LastEvaluatedKey" not in out:
+                break
+            kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
+        return iter(sorted(found, key=lambda e: (e.erased_at, e.token)))
+
+    def erasure_epoch(self) -> int:
+        item = self._get("meta#erasure_epoch")
+        return int(item["n"]["N"]) if item else 0
 
     # -- policy -----------------------------------------------------------------------------
 
@@ -563,8 +654,12 @@ class DynamoDBStore(VaultStore):
     def stats(self) -> dict[str, Any]:
         tokens: dict[str, int] = {}
         versions: dict[str, int] = {}
+        erased = 0
         for items in self._scan("tok#", "#pk, #d, kind, v"):
             for i in items:
+                if "v" not in i:
+                    erased += 1
+                    continue
                 key = f"{i['domain']['S']} ({i['kind']['S']})"
                 tokens[key] = tokens.get(key, 0) + 1
                 versions[i["v"]["N"]] = versions.get(i["v"]["N"], 0) + 1
@@ -573,6 +668,7 @@ class DynamoDBStore(VaultStore):
             "vault": self.url,
             "tokens": dict(sorted(tokens.items())),
             "key_versions": dict(sorted(versions.items(), key=lambda kv: int(kv[0]))),
+            "erased": erased,
             "principals": len(self.principals()),
             "tokenize_grants": len(self.tokenize_grants()),
             "audit_records": int(head["seq"]["N"]) if head else 0,

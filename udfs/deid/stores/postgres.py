@@ -41,7 +41,15 @@ from .. import keys as _keys
 from .._policy import strongest
 from .._url import parse_vault_url
 from ..errors import ConfigError, VaultKeyError, VaultUnavailableError
-from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore, check_key_versions
+from .base import (
+    GENESIS,
+    Erasure,
+    NewRecord,
+    Sealer,
+    StoredValue,
+    VaultStore,
+    check_key_versions,
+)
 
 DEFAULT_SCHEMA = "deid_vault"
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -111,6 +119,30 @@ _SQL: dict[str, tuple[str, tuple[str, ...]]] = {
     "audit_page": ("select seq, record, prev, hash from {s}.audit where seq > $1 "
                    "order by seq limit $2", ("bigint", "int")),
     "audit_count": ("select count(*) from {s}.audit", ()),
+    # erase: held exclusively by an erasure against the share every insert into tokens takes
+    # (the erase_guard trigger), so no insert passes the reissue check mid-erasure.
+    "erase_lock": ("select 1 from {s}.locks where name = 'erase' for update", ()),
+    "erase_find_fp": ("select token, kind from {s}.tokens where domain = $1 "
+                      "and fingerprint = any($2) for update", ("text", "bytea[]")),
+    "erase_find_tok": ("select token, kind from {s}.tokens where domain = $1 "
+                       "and token = any($2) for update", ("text", "text[]")),
+    "erase_put": ("insert into {s}.erased (token, domain, kind, erased_at) select * from "
+                  "unnest($1::text[], $2::text[], $3::text[], $4::text[])",
+                  ("text[]", "text[]", "text[]", "text[]")),
+    "erase_record": ("insert into {s}.erased (token, domain, kind, erased_at) select * from "
+                     "unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+                     "on conflict do nothing", ("text[]", "text[]", "text[]", "text[]")),
+    "erase_delete": ("delete from {s}.tokens where token = any($1)", ("text[]",)),
+    "epoch_bump": ("insert into {s}.meta (key, value) values ('erasure_epoch', '1') "
+                   "on conflict (key) do update set value = ({s}.meta.value::bigint + 1)::text",
+                   ()),
+    "epoch_get": ("select value from {s}.meta where key = 'erasure_epoch'", ()),
+    "erased_get": ("select token, domain, kind, erased_at from {s}.erased "
+                   "where token = any($1)", ("text[]",)),
+    "erasures_page": ("select token, domain, kind, erased_at from {s}.erased "
+                      "where erased_at >= $1 and (erased_at, token) > ($2, $3) "
+                      "order by erased_at, token limit $4", ("text", "text", "text", "int")),
+    "erased_count": ("select count(*) from {s}.erased", ()),
     "stats_tokens": ("select domain, kind, count(*) from {s}.tokens group by 1, 2 "
                      "order by 1, 2", ()),
     "stats_versions": ("select key_version, count(*) from {s}.tokens group by 1 order by 1",
@@ -158,7 +190,39 @@ create table if not exists {s}.audit (
     hash text not null
 );
 create table if not exists {s}.locks (name text primary key);
-insert into {s}.locks (name) values ('audit'), ('mint') on conflict do nothing;
+insert into {s}.locks (name) values ('audit'), ('mint'), ('erase') on conflict do nothing;
+{erasure_ddl(s)}"""
+
+
+def erasure_ddl(s: str) -> str:
+    """Tombstones of erased tokens, and the triggers that keep an erased token from being
+    issued again (also in macros/postgres/postgres__create_vault.sql). Every insert into
+    tokens shares the ``erase`` lock row that an erasure holds exclusively: no insert can pass
+    the reissue check between an erasure's delete and its commit. A row of the vault's own
+    ``locks`` table, not an advisory lock any login could take and hold."""
+    return f"""create table if not exists {s}.erased (
+    token text primary key,
+    domain text not null,
+    kind text not null,
+    erased_at text not null
+);
+create index if not exists erased_by_time on {s}.erased (erased_at);
+create or replace function {s}.erase_guard() returns trigger language plpgsql as $g$
+begin
+    perform 1 from {s}.locks where name = 'erase' for share;
+    return null;
+end $g$;
+create or replace trigger erase_guard before insert on {s}.tokens
+    for each statement execute function {s}.erase_guard();
+create or replace function {s}.never_reissue_erased() returns trigger language plpgsql as $r$
+begin
+    if exists (select 1 from {s}.erased where token = new.token) then
+        return null;
+    end if;
+    return new;
+end $r$;
+create or replace trigger never_reissue_erased before insert on {s}.tokens
+    for each row execute function {s}.never_reissue_erased();
 """
 
 
@@ -316,6 +380,55 @@ class _PgStore(VaultStore):
                 [n.ciphertext for _, _, n in rows], [o.key_version for _, o, _ in rows],
                 [o.ciphertext for _, o, _ in rows]))
 
+    # -- erasure --------------------------------------------------------------------------
+
+    def _erase(self, domain: str, finder: str, keys: list[Any]) -> list[Erasure]:
+        if not keys:
+            return []
+        at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+        with self._atomic() as run:
+            self._lock_row(run, "erase_lock")
+            found = [Erasure(t, domain, k, at) for t, k in run(finder, (domain, keys))]
+            if found:
+                tokens = [e.token for e in found]
+                run("erase_put", (tokens, [domain] * len(found), [e.kind for e in found],
+                                  [at] * len(found)))
+                run("erase_delete", (tokens,))
+                run("epoch_bump", ())
+        return found
+
+    def record_erasures(self, erasures: Sequence[Erasure]) -> None:
+        if not erasures:
+            return
+        with self._atomic() as run:
+            run("erase_record", ([e.token for e in erasures], [e.domain for e in erasures],
+                                 [e.kind for e in erasures], [e.erased_at for e in erasures]))
+            run("epoch_bump", ())
+
+    def erase(self, domain: str, fingerprints: Sequence[bytes]) -> list[Erasure]:
+        return self._erase(domain, "erase_find_fp", list(fingerprints))
+
+    def erase_tokens(self, domain: str, tokens: Sequence[str]) -> list[Erasure]:
+        return self._erase(domain, "erase_find_tok", list(tokens))
+
+    def erased(self, tokens: Sequence[str]) -> dict[str, Erasure]:
+        if not tokens:
+            return {}
+        return {r[0]: Erasure(*r) for r in self._rows("erased_get", (list(tokens),))}
+
+    def erasures(self, since: str | None = None) -> Iterator[Erasure]:
+        last = ("", "")
+        while True:
+            rows = self._rows("erasures_page", (since or "", *last, _AUDIT_PAGE))
+            if not rows:
+                return
+            yield from (Erasure(*r) for r in rows)
+            last = (rows[-1][3], rows[-1][0])
+
+    def erasure_epoch(self) -> int:
+        rows = self._rows("epoch_get")
+        return int(rows[0][0]) if rows else 0
+
     # -- policy ---------------------------------------------------------------------------
 
     def grant(self, principal: str, granted_by: str) -> bool:
@@ -385,6 +498,7 @@ class _PgStore(VaultStore):
             "vault": self.url,
             "tokens": {f"{d} ({k})": int(n) for d, k, n in self._rows("stats_tokens")},
             "key_versions": {str(v): int(n) for v, n in self._rows("stats_versions")},
+            "erased": int(self._rows("erased_count")[0][0]),
             "principals": len(self.principals()),
             "tokenize_grants": len(self.tokenize_grants()),
             "audit_records": int(self._rows("audit_count")[0][0]),

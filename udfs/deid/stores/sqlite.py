@@ -21,7 +21,15 @@ from .. import keys as _keys
 from .._policy import strongest
 from .._url import parse_vault_url, sqlite_path
 from ..errors import AuditChainError, ConfigError, VaultKeyError, VaultUnavailableError
-from .base import GENESIS, NewRecord, Sealer, StoredValue, VaultStore, check_key_versions
+from .base import (
+    GENESIS,
+    Erasure,
+    NewRecord,
+    Sealer,
+    StoredValue,
+    VaultStore,
+    check_key_versions,
+)
 
 _SCHEMA_VERSION = "1"
 # Keep well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
@@ -38,6 +46,16 @@ create table if not exists tokens (
     ciphertext blob not null
 ) without rowid;
 create unique index if not exists tokens_by_fingerprint on tokens (domain, fingerprint);
+create table if not exists erased (
+    token text primary key,
+    domain text not null,
+    kind text not null,
+    erased_at text not null
+) without rowid;
+create index if not exists erased_by_time on erased (erased_at);
+create trigger if not exists tokens_never_reissue_erased before insert on tokens
+    when exists (select 1 from erased where token = new.token)
+    begin select raise(ignore); end;
 create table if not exists principals (
     principal text primary key,
     granted_at text not null,
@@ -137,9 +155,11 @@ class SQLiteStore(VaultStore):
                 f"deid vault: cannot create the directory of {self.path} "
                 f"({exc.strerror})") from None
         with self._tx() as db:
-            # executescript would commit the open transaction: run statements one by one.
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(statement)
+            # executescript would commit the open transaction: run statements one by one
+            # (the trigger's body holds a ';' of its own).
+            for statement in _SCHEMA.split(";\n"):
+                if statement.strip():
+                    db.execute(statement)
             db.execute("insert or ignore into meta values ('schema_version', ?)",
                        (_SCHEMA_VERSION,))
             started = db.execute("select 1 from meta where key = 'audit_state'").fetchone() \
@@ -339,6 +359,95 @@ class SQLiteStore(VaultStore):
                             for t, old, new in rows])
             return db.total_changes - before
 
+    # -- erasure ----------------------------------------------------------------------------
+    #
+    # secure_delete overwrites the deleted rows' bytes in the database file, and a TRUNCATE
+    # checkpoint empties the WAL that still holds the pages written when the record was
+    # minted: the ciphertext must not outlive the erasure in the file (whoever holds the key
+    # file could decrypt a leftover copy). The trigger on tokens keeps an erased token from
+    # being issued again (random tokens of small formats do collide); writers are serialized
+    # by BEGIN IMMEDIATE, so no insert can slip between an erasure's check and its delete.
+
+    def _erase_where(self, domain: str, column: str,
+                     keys: Sequence[bytes] | Sequence[str]) -> list[Erasure]:
+        at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+        db = self._db()
+        db.execute("pragma secure_delete=on")
+        try:
+            out: list[Erasure] = []
+            with self._tx() as tx:
+                for i in range(0, len(keys), _CHUNK):
+                    chunk = list(keys[i : i + _CHUNK])
+                    marks = ",".join("?" * len(chunk))
+                    rows = tx.execute(
+                        f"select token, kind from tokens where domain = ? and {column} in "
+                        f"({marks})", (domain, *chunk)).fetchall()
+                    if not rows:
+                        continue
+                    found = [Erasure(t, domain, k, at) for t, k in rows]
+                    tx.executemany("insert into erased values (?, ?, ?, ?)",
+                                   [(e.token, e.domain, e.kind, e.erased_at) for e in found])
+                    tx.executemany("delete from tokens where token = ?",
+                                   [(e.token,) for e in found])
+                    out.extend(found)
+                if out:
+                    tx.execute("insert into meta values ('erasure_epoch', '1') on conflict "
+                               "(key) do update set value = cast(value as integer) + 1")
+        finally:
+            db.execute("pragma secure_delete=off")
+        return out
+
+    def record_erasures(self, erasures: Sequence[Erasure]) -> None:
+        with self._tx() as tx:
+            tx.executemany("insert or ignore into erased values (?, ?, ?, ?)",
+                           [(e.token, e.domain, e.kind, e.erased_at) for e in erasures])
+            tx.execute("insert into meta values ('erasure_epoch', '1') on conflict "
+                       "(key) do update set value = cast(value as integer) + 1")
+
+    def erase(self, domain: str, fingerprints: Sequence[bytes]) -> list[Erasure]:
+        return self._erase_where(domain, "fingerprint", fingerprints)
+
+    def purge_erased(self) -> None:
+        db = self._db()
+        try:
+            busy = db.execute("pragma wal_checkpoint(truncate)").fetchone()[0]
+        except sqlite3.Error:
+            busy = 1
+        if busy:
+            raise VaultUnavailableError(
+                f"deid forget: erased, but the write-ahead log of {self.path} could not be "
+                "emptied while other processes read the vault; it may still hold the erased "
+                "ciphertext: run the same deid forget again when they are done")
+
+    def erase_tokens(self, domain: str, tokens: Sequence[str]) -> list[Erasure]:
+        return self._erase_where(domain, "token", tokens)
+
+    def erased(self, tokens: Sequence[str]) -> dict[str, Erasure]:
+        out: dict[str, Erasure] = {}
+        for i in range(0, len(tokens), _CHUNK):
+            chunk = tokens[i : i + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for row in self._read("select token, domain, kind, erased_at from erased "
+                                  f"where token in ({marks})", chunk):
+                out[row[0]] = Erasure(*row)
+        return out
+
+    def erasures(self, since: str | None = None) -> Iterator[Erasure]:
+        last = ("", "")
+        while True:
+            rows = self._read(
+                "select token, domain, kind, erased_at from erased where erased_at >= ? "
+                "and (erased_at, token) > (?, ?) order by erased_at, token limit 5000",
+                (since or "", *last))
+            if not rows:
+                return
+            yield from (Erasure(*r) for r in rows)
+            last = (rows[-1][3], rows[-1][0])
+
+    def erasure_epoch(self) -> int:
+        row = self._read("select value from meta where key = 'erasure_epoch'")
+        return int(row[0][0]) if row else 0
+
     # -- policy -----------------------------------------------------------------------------
 
     def grant(self, principal: str, granted_by: str) -> bool:
@@ -459,6 +568,7 @@ class SQLiteStore(VaultStore):
                 "select domain, kind, count(*) from tokens group by 1, 2 order by 1, 2")},
             "key_versions": {str(v): n for v, n in self._read(
                 "select key_version, count(*) from tokens group by 1 order by 1")},
+            "erased": self._read("select count(*) from erased")[0][0],
             "principals": len(self.principals()),
             "tokenize_grants": len(self.tokenize_grants()),
             "audit_records": self._read("select count(*) from audit")[0][0],
