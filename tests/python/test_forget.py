@@ -302,6 +302,7 @@ def test_duckdb_host_refuses_an_erased_token_it_had_cached(tmp_path: Path) -> No
 
     host = VaultTokenService(SQLiteStore(tmp_path / "vault.db"))  # caches on, as in a build
     host.store.grant("reader", "test")
+    host.store.grant_tokenize("reader", "*", "tokenize", "test")
     con = duckdb.connect()
     register(con, host, "reader")
     old = con.sql("select deid.tokenize('pat@example.com', 'email')").fetchall()[0][0]
@@ -314,11 +315,12 @@ def test_duckdb_host_refuses_an_erased_token_it_had_cached(tmp_path: Path) -> No
 
 
 def test_warm_lambda_container_refuses_an_erased_token(tmp_path: Path) -> None:
-    from deid.lambda_handler import RedshiftUDF
+    from deid.lambda_handler import HandlerConfig, RedshiftUDF
 
     warm = VaultTokenService(SQLiteStore(tmp_path / "vault.db"))  # caches on
     warm.store.grant("pii_reader", "test")
-    udf = RedshiftUDF(warm)
+    warm.store.grant_tokenize("dbt_transformer", "*", "tokenize", "test")  # the payload's user
+    udf = RedshiftUDF(warm, HandlerConfig(databases=frozenset({"dev"})))  # the payloads' db
     base = json.loads((Path(__file__).parent / "payloads" / "tokenize_request.json").read_text())
     minted = json.loads(udf.tokenize({**base, "num_records": 1,
                                       "arguments": [["quinn@example.com", "email"]]}))
@@ -369,6 +371,11 @@ return VaultTokenService(SpiStore(plpy, "{schema}")).forget(
 $f$;
 insert into {schema}.principals values ('{pg_cluster.ADMIN}', 'now', 'test');
 """)
+    admin = open_store(cluster.url() + f"?schema={schema}")
+    try:
+        admin.grant_tokenize(pg_cluster.ADMIN, "*", "tokenize", "test")
+    finally:
+        admin.close()
     conn = psycopg2.connect(cluster.dsn())
     conn.autocommit = True
     try:
@@ -642,6 +649,7 @@ def test_dbt_test_finds_mart_rows_whose_tokens_were_erased(tmp_path: Path) -> No
 
     vault = consumer / "vault" / "vault.db"
     seed = consumer / "seeds" / "deid_erased_tokens.csv"
+    _cli(vault, "init", "--transformer", "builder")  # the builder may mint tokens
     _cli(vault, "erased", "--out", str(seed))  # the empty list: the test passes
     for args in (["deps"], ["build", "--select", "package:clinic"]):
         proc = run(*args)
