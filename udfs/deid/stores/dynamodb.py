@@ -532,7 +532,7 @@ class DynamoDBStore(VaultStore):
             "ExpressionAttributeNames": {"#pk": "pk", "#d": "domain"},
             "ExpressionAttributeValues": {":p": {"S": "tok#"}, ":since": {"S": since or ""}},
         }
-        found = []
+        found: list[Erasure] = []
         while True:
             out = self._call("scan", **kwargs)
             found.extend(Erasure(i["pk"]["S"][4:], i["domain"]["S"], i["kind"]["S"],
