@@ -20,8 +20,8 @@ import click
 
 from . import _audit
 from ._policy import ALL_DOMAINS
-from .errors import DeidError
-from .service import VaultTokenService
+from .errors import ConfigError, DeidError
+from .service import Eraser, VaultTokenService
 from .stores import Erasure, StoredValue
 from .vault import VaultConfig, open_service, open_store
 
@@ -310,7 +310,7 @@ def forget(kind: str, values_from: TextIO | None, tokens: tuple[str, ...],
         raise click.UsageError("pass values (--values-from) or tokens (--token, "
                                "--tokens-from), not both")
     config = VaultConfig.from_env({"vault": vault} if vault else None)
-    svc = open_service(VaultConfig(config.url, cache_size=0, detokenize_cache_size=0))
+    svc = _eraser(config.url)
     if values_from is not None:
         items = list(_lines(values_from))
         n = svc.forget(kind, values=items, principal=_admin())
@@ -323,6 +323,13 @@ def forget(kind: str, values_from: TextIO | None, tokens: tuple[str, ...],
     click.echo(f"erased {n} vault record(s) of kind {kind} ({distinct - n} of {distinct} "
                "given were not in the vault or already erased)")
     click.echo("downstream copies: list erased tokens with deid erased --since <date>")
+
+
+def _eraser(url: str) -> Eraser:
+    svc = open_service(VaultConfig(url, cache_size=0, detokenize_cache_size=0))
+    if not isinstance(svc, Eraser):  # pragma: no cover - every vault deid opens can erase
+        raise ConfigError("deid forget: this vault cannot erase records")
+    return svc
 
 
 def _since(text: str | None) -> str | None:
@@ -351,7 +358,7 @@ def erased(since: str | None, fmt: str, out: TextIO, vault: str | None) -> None:
     can be found and cleaned; load it as a dbt seed for the deid.no_erased_tokens test.
     Tokens only: the values are gone."""
     config = VaultConfig.from_env({"vault": vault} if vault else None)
-    svc = open_service(VaultConfig(config.url, cache_size=0, detokenize_cache_size=0))
+    svc = _eraser(config.url)
     rows: Iterator[Erasure] = svc.erasures(_since(since))
     if fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")

@@ -64,6 +64,12 @@ class TokenService(Protocol):
 
     def flush_audit(self) -> None: ...
 
+
+@runtime_checkable
+class Eraser(Protocol):
+    """A token service that can erase (`VaultTokenService`, Skyflow's). Not part of
+    `TokenService`: no engine host erases; the CLI and the ingest handlers do."""
+
     def forget(self, kind: str, *, values: Sequence[str] | None = None,
                tokens: Sequence[str] | None = None, principal: str) -> int: ...
 
