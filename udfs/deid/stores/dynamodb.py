@@ -297,11 +297,14 @@ class DynamoDBStore(VaultStore):
         purpose = name.removesuffix("_key")
         item = self._get(pk)
         if item is None:
-            if not may_create():
+            # A concurrent first writer stores the key before its first record: if records
+            # exist now, the key may have appeared since the read above. Read it once more.
+            if not may_create() and (item := self._get(pk)) is None:
                 raise VaultKeyError(
                     f"deid keys: {pk} is missing from table {self.table!r} although the vault "
                     "holds records; restore it from a backup (refusing to create a new key, "
                     "which would break the vault)")
+        if item is None:
             out = self._kms("generate_data_key", KeyId=self.kms_key, KeySpec="AES_256",
                             EncryptionContext=self.context(purpose))
             if self._put_if_absent({"pk": {"S": pk}, "wrapped": {"B": out["CiphertextBlob"]},
