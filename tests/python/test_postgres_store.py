@@ -310,6 +310,35 @@ def test_udf_detokenize_checks_session_user_against_the_policy(cluster, store):
     assert "not-a-token-secret" not in str(info.value)
 
 
+def test_udf_detokenize_audits_one_record_per_statement(cluster, store):
+    """2,000 rows, one statement: one record counting 2,000, the chain intact. A second
+    statement, and a statement rolled back to a savepoint, each keep their own truth."""
+    tokens = [r[0] for r in _sql(cluster, "select t_tokenize('stmt' || i || '@example.com', "
+                                          "'email') from generate_series(1, 20) as i")]
+    store.grant(pg_cluster.ADMIN, "pytest")
+    before = len(list(store.audit_records()))
+    per_row = ("select count(t_detokenize(t)) from unnest(%s::text[]) as t, "
+               "generate_series(1, 100)")
+    conn = psycopg2.connect(cluster.dsn())
+    try:
+        with conn.cursor() as cur:
+            cur.execute(per_row, (tokens,))
+            assert cur.fetchone()[0] == 2000
+            cur.execute("select t_detokenize(%s), t_detokenize(%s)", (tokens[0], tokens[1]))
+            cur.execute("savepoint s")
+            cur.execute(per_row, (tokens,))
+            cur.execute("rollback to savepoint s")
+            cur.execute("select t_detokenize(%s)", (tokens[2],))
+        conn.commit()
+    finally:
+        conn.close()
+    records = list(store.audit_records())[before:]
+    assert [(r["count"], r["kinds"]) for r in records] == [
+        (2000, {"email": 2000}), (2, {"email": 2}), (1, {"email": 1})]
+    assert len({r["query_id"] for r in records}) == 3
+    assert VaultTokenService(store).verify_audit()["records"] == before + 3
+
+
 def test_udf_statements_over_many_rows_give_one_token_per_value(cluster):
     """Thousands of rows in one statement (the per-row UDF and its per-scope cache): one
     token per distinct value, new values minted once, vaulted ones found again."""

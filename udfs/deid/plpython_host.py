@@ -106,7 +106,7 @@ class _Host:
                 self._log_tokenize_counts(self._service.gate)
             self._service = self._context = None
             self._tokenize_logged.clear()
-            self.store.forget_keyring()
+            self.store.start_scope()
             # Policy read once per scope; tokenize counts go to the server log (below), since
             # a vault record would roll back with the caller.
             gate = Gate(self.store, ttl_s=float("inf"), flush_s=float("inf"), at_exit=False)

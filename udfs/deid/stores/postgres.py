@@ -116,6 +116,9 @@ _SQL: dict[str, tuple[str, tuple[str, ...]]] = {
     "audit_head": ("select seq, hash from {s}.audit order by seq desc limit 1", ()),
     "audit_put": ("insert into {s}.audit (seq, record, prev, hash) values ($1, $2, $3, $4)",
                   ("bigint", "text", "text", "text")),
+    # Re-seals the statement's own record, still the uncommitted head of the chain.
+    "audit_merge": ("update {s}.audit set record = $1, hash = $2 where seq = $3 and hash = $4",
+                    ("text", "text", "bigint", "text")),
     "audit_page": ("select seq, record, prev, hash from {s}.audit where seq > $1 "
                    "order by seq limit $2", ("bigint", "int")),
     "audit_count": ("select count(*) from {s}.audit", ()),
@@ -526,6 +529,8 @@ class SpiStore(_PgStore):
     """
 
     _serialize_minting = True
+    # Record fields that must match for a detokenize call to join the scope's open record.
+    _MERGE_KEY = ("action", "principal", "outcome", "query_id", "host")
 
     def __init__(self, plpy: Any, schema: str = DEFAULT_SCHEMA, *,
                  keys: str | None = None) -> None:
@@ -533,6 +538,51 @@ class SpiStore(_PgStore):
         self.url = f"postgresql (in-database, schema {self.schema})"
         self._plpy = plpy
         self._plans: dict[str, Any] = {}
+        self._open_audit: dict[str, Any] | None = None
+        self._allowed: dict[str, bool] = {}
+
+    def start_scope(self) -> None:
+        """A new (transaction, statement, subtransaction) scope: forget what the last one
+        cached (keys, the policy answers, the open audit record), since it may have rolled
+        back or changed since."""
+        self.forget_keyring()
+        self._open_audit = None
+        self._allowed = {}
+
+    def is_allowed(self, principal: str) -> bool:
+        # Once per scope: plpython3u calls detokenize once per row, and a statement's rows
+        # are one request, as a GRANT is checked once per statement.
+        allowed = self._allowed.get(principal)
+        if allowed is None:
+            allowed = self._allowed[principal] = super().is_allowed(principal)
+        return allowed
+
+    def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
+        """One record per statement, not per row: a call whose record matches the scope's open
+        one adds its count and kinds to it and re-seals it.
+
+        That record is the head of the chain and nobody can append after it: the lock row
+        lock taken by the first append is held until the transaction ends, and every append
+        of this session passes here (any other record closes the open one). Before commit
+        the record is invisible to others, so the chain anyone can read is never rewritten.
+        """
+        head = self._open_audit
+        if head is not None and all(head[k] == record.get(k) for k in self._MERGE_KEY):
+            kinds = dict(head["kinds"])
+            for k, n in (record.get("kinds") or {}).items():
+                kinds[k] = kinds.get(k, 0) + n
+            merged = {k: v for k, v in head.items() if k not in ("prev", "hash")}
+            merged.update(count=head["count"] + record["count"], kinds=dict(sorted(kinds.items())))
+            digest = seal(head["prev"], merged)
+            with self._atomic() as run:
+                changed = self._count(run, "audit_merge", (
+                    _audit.encode(merged), digest, merged["seq"], head["hash"]))
+            if changed == 1:
+                self._open_audit = {**merged, "prev": head["prev"], "hash": digest}
+                return self._open_audit
+        stored = super().append_audit(record, seal)
+        self._open_audit = stored if record.get("action") == "detokenize" else None
+        return stored
 
     def _rows(self, name: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         # One statement is atomic by itself: no subtransaction (they cost more than the read).
