@@ -35,10 +35,14 @@ revoke create on schema deid from public;
 grant usage on schema deid to public;
 {{ deid.postgres_udf('tokenize', 'value text, kind text', 'value, kind', vault_schema, python_path) }}
 {{ deid.postgres_udf('detokenize', 'token text', 'token', vault_schema, python_path) }}
+{#- deid.token_map's batch: one call per chunk of distinct values instead of one per row. #}
+{{ deid.postgres_udf('tokenize_batch', 'vals text[], kind text', 'vals, kind', vault_schema, python_path, 'text[]') }}
 alter function deid.tokenize(text, text) owner to {{ vault_role }};
+alter function deid.tokenize_batch(text[], text) owner to {{ vault_role }};
 alter function deid.detokenize(text) owner to {{ vault_role }};
 {#- The vars are the whole truth: EXECUTE granted earlier to a role no longer listed is revoked. #}
-revoke all on function deid.tokenize(text, text), deid.detokenize(text) from public;
+revoke all on function deid.tokenize(text, text), deid.tokenize_batch(text[], text),
+    deid.detokenize(text) from public;
 do $deid_acl$
 declare
     grant_row record;
@@ -48,6 +52,7 @@ begin
         from pg_catalog.pg_proc as p
         cross join lateral pg_catalog.aclexplode(p.proacl) as a
         where p.oid in ('deid.tokenize(text, text)'::regprocedure,
+                        'deid.tokenize_batch(text[], text)'::regprocedure,
                         'deid.detokenize(text)'::regprocedure)
             and a.grantee <> 0
             and a.grantee <> p.proowner
@@ -58,6 +63,7 @@ end
 $deid_acl$;
 {%- for role in deid.postgres_role_list('deid_transformer_roles') %}
 grant execute on function deid.tokenize(text, text) to {{ role }};
+grant execute on function deid.tokenize_batch(text[], text) to {{ role }};
 {%- endfor %}
 {%- for role in deid.postgres_role_list('deid_pii_reader_roles') %}
 grant execute on function deid.detokenize(text) to {{ role }};

@@ -1,6 +1,6 @@
 {# One plpython3u UDF: SECURITY DEFINER, pinned search_path, calling deid.plpython_host. #}
-{% macro postgres_udf(name, params, args, vault_schema, python_path) -%}
-create or replace function deid.{{ name }}({{ params }}) returns text
+{% macro postgres_udf(name, params, args, vault_schema, python_path, returns='text') -%}
+create or replace function deid.{{ name }}({{ params }}) returns {{ returns }}
 language plpython3u
 volatile
 {%- if name == 'detokenize' %}

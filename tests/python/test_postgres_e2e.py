@@ -264,7 +264,7 @@ def test_functions_are_security_definer_owned_by_the_vault_role_with_pinned_path
         select p.proname, pg_get_userbyid(p.proowner), p.prosecdef, p.provolatile,
                p.proconfig
         from pg_proc p where p.pronamespace = 'deid'::regnamespace order by 1""")
-    assert [r[0] for r in rows] == ["detokenize", "tokenize"]
+    assert [r[0] for r in rows] == ["detokenize", "tokenize", "tokenize_batch"]
     for _name, owner, secdef, volatile, config in rows:
         assert (owner, secdef, volatile) == ("deid_vault", True, "v")
         assert "search_path=pg_catalog, pg_temp" in config

@@ -44,11 +44,13 @@ def cluster():
         # The UDFs below run as the admin login (session_user): it mints tokens.
         pg_cluster.admin_sql(c, f"insert into {SCHEMA}.tokenize_grants values "
                                 f"('{pg_cluster.ADMIN}', '*', 'tokenize', 'now', 'pytest')")
-        for name, params, args in (("t_tokenize", "value text, kind text", "value, kind"),
-                                   ("t_detokenize", "token text", "token")):
+        for name, params, args, returns in (
+                ("t_tokenize", "value text, kind text", "value, kind", "text"),
+                ("t_tokenize_batch", "vals text[], kind text", "vals, kind", "text[]"),
+                ("t_detokenize", "token text", "token", "text")):
             fn = name[2:]
             pg_cluster.admin_sql(c, f"""
-create function {name}({params}) returns text language plpython3u volatile
+create function {name}({params}) returns {returns} language plpython3u volatile
 set plan_cache_mode = force_custom_plan as $f$
 import sys
 for p in reversed({paths}):
@@ -337,6 +339,19 @@ def test_udf_detokenize_audits_one_record_per_statement(cluster, store):
         (2000, {"email": 2000}), (2, {"email": 2}), (1, {"email": 1})]
     assert len({r["query_id"] for r in records}) == 3
     assert VaultTokenService(store).verify_audit()["records"] == before + 3
+
+
+def test_udf_tokenize_batch_agrees_with_tokenize_row_by_row(cluster):
+    """The batch function token_map uses gives each value the token the per-row function
+    gives it, keeps the order and NULLs, and fails whole on one bad value."""
+    vals = ["Batch.One@Example.com", None, "batch.two@example.com", "batch.one@example.com"]
+    batch = _sql(cluster, "select t_tokenize_batch(%s::text[], 'email')", (vals,))[0][0]
+    rows = [_sql(cluster, "select t_tokenize(%s, 'email')", (v,))[0][0] for v in vals]
+    assert batch == rows and batch[1] is None and batch[0] == batch[3] != batch[2]
+    with pytest.raises(psycopg2.Error) as info:
+        _sql(cluster, "select t_tokenize_batch(array['ok.batch@example.com', 'secret-no-at'], "
+                      "'email')")
+    assert info.value.pgcode == "22023" and "secret-no-at" not in str(info.value)
 
 
 def test_udf_statements_over_many_rows_give_one_token_per_value(cluster):

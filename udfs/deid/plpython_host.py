@@ -187,6 +187,30 @@ def tokenize(plpy: Any, value: str | None, kind: str | None, *,
     return None  # not reached: _fail raises
 
 
+def tokenize_batch(plpy: Any, values: list[str | None] | None, kind: str | None, *,
+                   vault_schema: str = DEFAULT_SCHEMA) -> list[str | None] | None:
+    """``deid.tokenize_batch(values text[], kind)``: the tokens of `values`, in order (NULL
+    stays NULL). What ``deid.token_map`` calls: one vault lookup for the whole array."""
+    if values is None:
+        return None
+    try:
+        if kind is None:
+            raise InvalidKindError("deid.tokenize: the kind argument is NULL")
+        host = _host(plpy, vault_schema)
+        service = host.service()
+        ctx = host.context()
+        host.log_tokenize(ctx, kind)
+        return service.tokenize(kind, values, principal=ctx["principal"],
+                                query_id=f"{ctx['pid']}@{ctx['statement']}", host="postgresql")
+    except PermissionDeniedError as exc:
+        plpy.log(f"deid audit: tokenize refused by the vault policy for principal "
+                 f"{_principal(plpy, vault_schema)!r}")
+        _fail(plpy, exc)
+    except Exception as exc:
+        _fail(plpy, exc, "deid.tokenize")
+    return None  # not reached: _fail raises
+
+
 def detokenize(plpy: Any, token: str | None, *,
                vault_schema: str = DEFAULT_SCHEMA) -> str | None:
     """``deid.detokenize(token)`` for ``session_user``: NULL → NULL; policy, audit, decrypt."""

@@ -561,8 +561,8 @@ class SpiStore(_PgStore):
         """One record per statement, not per row: a call whose record matches the scope's open
         one adds its count and kinds to it and re-seals it.
 
-        That record is the head of the chain and nobody can append after it: the lock row
-        lock taken by the first append is held until the transaction ends, and every append
+        That record is the head of the chain and nobody can append after it: the audit lock
+        row taken by the first append is held until the transaction ends, and every append
         of this session passes here (any other record closes the open one). Before commit
         the record is invisible to others, so the chain anyone can read is never rewritten.
         """
