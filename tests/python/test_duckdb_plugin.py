@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import duckdb
@@ -144,3 +145,45 @@ def test_a_library_error_reaches_duckdb_without_the_value(tmp_path: Path) -> Non
             c.sql(sql).fetchall()
         assert "leaky.secret" not in str(exc.value)
         assert "internal error (RuntimeError)" in str(exc.value)
+
+
+def test_detokenize_audits_every_vector_and_syncs_each_querys_first_record(
+        service: VaultTokenService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every vector leaves a record under its query's id; the first record of each query is
+    committed with an fsync (synchronous FULL), later ones of the same query without."""
+    tokens = service.tokenize("email", [f"v{i}@example.com" for i in range(50)])
+    service.store.grant("reader", "test")
+    reader = duckdb.connect(config={"threads": 1})  # one vault connection sees every call
+    register(reader, service, "reader")
+    reader.execute("create table m as select t from (select unnest(?) t) cross join range(100)",
+                   [tokens])
+    before = len(list(service.store.audit_records()))
+    mode, modes = ["full"], []  # the synchronous mode in force at each audit insert
+
+    def trace(sql: str) -> None:
+        if sql.startswith("pragma synchronous="):
+            mode[0] = sql.split("=")[1]
+        elif sql.startswith("insert into audit"):
+            modes.append(mode[0])
+
+    connect = service.store._db  # type: ignore[attr-defined]
+    used = []
+
+    def traced() -> sqlite3.Connection:
+        db = connect()
+        db.set_trace_callback(trace)
+        used.append(db)
+        return db
+
+    monkeypatch.setattr(service.store, "_db", traced)
+    for _ in range(2):
+        assert reader.sql("select count(deid.detokenize(t)) from m").fetchall() == [(5000,)]
+    db = used[-1]
+    assert all(u is db for u in used)
+    db.set_trace_callback(None)
+    records = list(service.store.audit_records())[before:]
+    assert sum(r["count"] for r in records) == 10000 and len(records) >= 4
+    queries = [r["query_id"] for r in records]
+    assert len(set(queries)) == 2
+    assert modes == ["full" if queries.index(q) == i else "normal" for i, q in enumerate(queries)]
+    assert db.execute("pragma synchronous").fetchall() == [(2,)]  # FULL again

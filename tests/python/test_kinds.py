@@ -223,3 +223,12 @@ def test_joiners_are_kept_for_display_but_ignored_for_matching(kind: str) -> Non
 
 def test_joiners_are_dropped_where_they_never_belong() -> None:
     assert canon("email", "jane\u200d@example.com") == "jane@example.com"
+def test_common_kind_tells_one_kind_batches_and_refuses_mixtures() -> None:
+    from deid.kinds import KINDS, common_kind
+
+    emails = KINDS["email"].new_tokens(3, ["", "", ""])
+    names = KINDS["name"].new_tokens(2, ["", ""])
+    assert common_kind(emails) is KINDS["email"] and common_kind(names) is KINDS["name"]
+    assert common_kind(emails + names) is None and common_kind([]) is None
+    # SSN and card tokens are told apart by length, not a mark: the per-token path does them
+    assert common_kind(KINDS["ssn"].new_tokens(2, ["", ""])) is None

@@ -109,6 +109,23 @@ def test_detokenize_refused_outside_policy_and_audited(service: VaultTokenServic
     assert "901-23-4567" not in json.dumps(record) and tokens[0] not in json.dumps(record)
 
 
+def test_cached_detokenize_counts_kinds_and_still_rejects_non_tokens(
+        service: VaultTokenService) -> None:
+    """A batch answered from the cache is classified in one pass; the audit counts agree
+    with the first, uncached call, and one stranger in the batch still fails it."""
+    tokens = service.tokenize("email", ["a@example.com", "b@example.com"]) * 3
+    service.store.grant("p", "test")
+    for _ in range(2):
+        assert service.detokenize(tokens, principal="p") == ["a@example.com",
+                                                             "b@example.com"] * 3
+    with pytest.raises(UnknownTokenError):
+        service.detokenize([*tokens, "x@deid.invalid"], principal="p")
+    records = list(service.store.audit_records())
+    assert [(r["count"], r["kinds"], r["outcome"]) for r in records] == [
+        (6, {"email": 6}, "allowed"), (6, {"email": 6}, "allowed"),
+        (7, {"email": 6}, "rejected")]
+
+
 def test_revoked_principal_is_refused(service: VaultTokenService) -> None:
     tokens = service.tokenize("email", ["a@example.com"])
     service.store.grant("p", "test")

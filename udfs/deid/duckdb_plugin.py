@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from duckdb import func
-from duckdb.sqltypes import VARCHAR
+from duckdb.sqltypes import UBIGINT, VARCHAR
 
 from .errors import DeidError, InvalidKindError
 from .service import TokenService
@@ -87,21 +88,31 @@ def register(conn: duckdb.DuckDBPyConnection,
                 out[i] = t
         return pa.array(out, type=pa.string())
 
-    def detokenize(tokens: pa.Array | pa.ChunkedArray) -> pa.Array:
-        return _guarded("detokenize", _detokenize, tokens)
+    # DuckDB numbers transactions per database instance; the tag and pid make the query id
+    # unique in the audit log across connections and processes.
+    tag = f"{os.getpid()}:{secrets.token_hex(4)}"
 
-    def _detokenize(tokens: pa.Array | pa.ChunkedArray) -> pa.Array:
+    def detokenize(tokens: pa.Array | pa.ChunkedArray,
+                   txids: pa.Array | pa.ChunkedArray) -> pa.Array:
+        return _guarded("detokenize", _detokenize, tokens, txids)
+
+    def _detokenize(tokens: pa.Array | pa.ChunkedArray,
+                    txids: pa.Array | pa.ChunkedArray) -> pa.Array:
+        # One transaction id per query: the vault audits every vector under it, and makes
+        # the query's first record durable before any of its values leave (see SQLiteStore).
+        txid = txids[0].as_py() if len(txids) else None
         return pa.array(factory().detokenize(tokens.to_pylist(), principal=principal,
-                                             host="duckdb"), type=pa.string())
+                                             query_id=f"duckdb:{tag}:{txid}", host="duckdb"),
+                        type=pa.string())
 
     _create(conn, "__deid_tokenize", tokenize, [VARCHAR, VARCHAR], side_effects=False)
     # Detokenize audits every call: never constant-folded or deduplicated away.
-    _create(conn, "__deid_detokenize", detokenize, [VARCHAR], side_effects=True)
+    _create(conn, "__deid_detokenize", detokenize, [VARCHAR, UBIGINT], side_effects=True)
     conn.execute(f"attach if not exists ':memory:' as {_CATALOG}")
     conn.execute(f"create or replace macro {_CATALOG}.tokenize(value, kind) as "
                  "__deid_tokenize(value, kind)")
     conn.execute(f"create or replace macro {_CATALOG}.detokenize(token) as "
-                 "__deid_detokenize(token)")
+                 "__deid_detokenize(token, txid_current())")
 
 
 def _guarded(action: str, body: Callable[..., pa.Array], *args: Any) -> pa.Array:

@@ -40,6 +40,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import repeat
 
 from .errors import InvalidKindError
 
@@ -408,6 +409,24 @@ def kind_of_token(token: str, *, validate: bool = True) -> Kind | None:
     else:
         return None
     return k if not validate or k.token_pattern.fullmatch(token) else None
+
+
+# What sets each kind's valid tokens apart from every other kind's: (prefix, suffix).
+_SIGNATURES = {"email": ("", "@deid.invalid"), "phone": ("+999", ""), "name": ("name_", ""),
+               "address": ("addr_", ""), "date": ("date_", ""), "string": ("str_", "")}
+
+
+def common_kind(tokens: list[str]) -> Kind | None:
+    """The kind of every token in `tokens`, which must all be valid tokens already, or None
+    when they are not all of one kind that a prefix or suffix tells. One C-level pass: a
+    DuckDB vector of one column's tokens is classified without a Python call per token."""
+    first = kind_of_token(tokens[0], validate=False) if tokens else None
+    signature = _SIGNATURES.get(first.name) if first is not None else None
+    if signature is None:
+        return None
+    prefix, suffix = signature
+    test, mark = (str.startswith, prefix) if prefix else (str.endswith, suffix)
+    return first if all(map(test, tokens, repeat(mark))) else None
 
 
 def is_token(token: str, kind: str | None = None) -> bool:

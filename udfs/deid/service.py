@@ -311,7 +311,11 @@ class VaultTokenService:
         values = dict(zip(distinct, cached, strict=True))
         kinds: Counter[str] = Counter()
         malformed = []
-        for t, n in counts.items():
+        # Every token cached (so validated when fetched) and of one kind: one C-level pass.
+        common = _kinds.common_kind(distinct) if None not in cached else None
+        if common is not None:
+            kinds[common.name] = sum(counts.values())
+        for t, n in counts.items() if common is None else ():
             # A cached token was validated when it was fetched: only its kind is needed.
             k = _kinds.kind_of_token(t, validate=values[t] is None) \
                 if isinstance(t, str) else None
@@ -326,7 +330,7 @@ class VaultTokenService:
                 f"deid.detokenize: row {_first_row(tokens, malformed)} of the batch is not a "
                 "deid token (the input is not shown)")
 
-        need = [t for t, v in values.items() if v is None]
+        need = [t for t, v in values.items() if v is None] if common is None else []
         if need:
             if self._epoch is None:
                 # The epoch later checks compare with must predate what this call caches.

@@ -510,23 +510,42 @@ class SQLiteStore(VaultStore):
         return int(doc["seq"]), bytes.fromhex(doc["key"])
 
     def append_audit(self, record: dict[str, Any], seal: Sealer) -> dict[str, Any]:
-        with self._tx() as db:
-            head = db.execute("select seq, hash from audit order by seq desc limit 1").fetchone()
-            seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-            record = {**record, "seq": seq}
-            state = self._state(db)
-            if state is None:
-                digest = seal(prev, record)
-            else:
-                if state[0] != seq:
-                    raise AuditChainError(
-                        f"deid audit: the vault's audit signing state is at record {state[0]} "
-                        f"but the log's next record is {seq}: records were removed or the "
-                        "state was replaced (run deid audit verify)")
-                digest = _audit.seal_with(state[1], prev, record)
-                self._put_state(db, seq + 1, _audit.evolve(state[1]))
-            db.execute("insert into audit values (?, ?, ?, ?)",
-                       (seq, _audit.encode(record), prev, digest))
+        """Append under the write lock. The first detokenize record of a query (by this
+        thread) is synced before it returns; the query's later records (one per DuckDB
+        vector) are written to the log without their own fsync, reaching the disk with the
+        next synced commit: they survive a crash of the process, and the query's first record
+        survives a power loss. An fsync per 2,048 values capped detokenize at ~450k values/s."""
+        query = (record.get("action"), record.get("query_id"), record.get("principal"),
+                 record.get("outcome"))
+        relaxed = (self._synchronous == "full" and query[0] == "detokenize"
+                   and query[1] is not None and query[3] == "allowed"
+                   and getattr(self._local, "query", None) == query)
+        db = self._db()
+        if relaxed:
+            db.execute("pragma synchronous=normal")
+        try:
+            with self._tx() as db:
+                head = db.execute(
+                    "select seq, hash from audit order by seq desc limit 1").fetchone()
+                seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+                record = {**record, "seq": seq}
+                state = self._state(db)
+                if state is None:
+                    digest = seal(prev, record)
+                else:
+                    if state[0] != seq:
+                        raise AuditChainError(
+                            f"deid audit: the vault's audit signing state is at record "
+                            f"{state[0]} but the log's next record is {seq}: records were "
+                            "removed or the state was replaced (run deid audit verify)")
+                    digest = _audit.seal_with(state[1], prev, record)
+                    self._put_state(db, seq + 1, _audit.evolve(state[1]))
+                db.execute("insert into audit values (?, ?, ?, ?)",
+                           (seq, _audit.encode(record), prev, digest))
+        finally:
+            if relaxed:
+                db.execute(f"pragma synchronous={self._synchronous}")
+        self._local.query = query
         return {**record, "prev": prev, "hash": digest}
 
     def audit_records(self) -> Iterator[dict[str, Any]]:
