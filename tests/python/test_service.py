@@ -338,3 +338,21 @@ def test_sqlite_url_parameters(tmp_path: Path) -> None:
         open_store(f"sqlite:///{tmp_path / 'p.db'}?journal=off")
     with pytest.raises(ConfigError, match="synchronous must be"):
         open_store(f"sqlite:///{tmp_path / 'p.db'}?synchronous=off")
+
+
+def test_fingerprints_are_hmac_sha256_of_domain_and_match_key() -> None:
+    """The batch fingerprint (pads hashed once per key) equals the library's HMAC-SHA256."""
+    import hmac
+
+    from deid.keys import Keyring
+
+    for ring in (Keyring.generate(), Keyring.generate()):
+        keys = ["a@example.com", "", "ünïcödé", "\udcff lone surrogate", "x" * 300]
+        for domain in ("email", "email:marketing"):
+            expected = [hmac.digest(ring.fingerprint_key, domain.encode() + b"\x00"
+                                    + k.encode("utf-8", "surrogatepass"), "sha256")
+                        for k in keys]
+            assert ring.fingerprints(domain, keys) == expected
+        # a key loaded late (as the KMS keyring does) is picked up
+        ring.fingerprint_key = bytes(32)
+        assert ring.fingerprint("d", "v") == hmac.digest(bytes(32), b"d\x00v", "sha256")

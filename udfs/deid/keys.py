@@ -98,11 +98,38 @@ def check_value_of(fingerprint_key: bytes) -> str:
     return hmac.new(fingerprint_key, b"deid key check v1", hashlib.sha256).hexdigest()
 
 
+# fingerprint key -> its HMAC inner and outer SHA-256 states (a process holds one or two keys)
+_HMAC_PADS: dict[bytes, tuple[Any, Any]] = {}
+
+
 def fingerprints_under(fingerprint_key: bytes, domain: str, match_keys: list[str]) -> list[bytes]:
-    """HMAC-SHA256(fingerprint_key, domain NUL match_key) for each key (batch: hot path)."""
-    digest, prefix = hmac.digest, domain.encode() + b"\x00"
-    return [digest(fingerprint_key, prefix + m.encode("utf-8", "surrogatepass"), "sha256")
-            for m in match_keys]
+    """HMAC-SHA256(fingerprint_key, domain NUL match_key) for each key (batch: hot path).
+
+    RFC 2104 with the key's inner and outer pads hashed once per key (and the domain once
+    per batch): per value, two copies of a SHA-256 state instead of hmac.digest's key set-up,
+    a third of its cost. The tests check the output against hmac.digest.
+    """
+    pads = _HMAC_PADS.get(fingerprint_key)
+    if pads is None:
+        if len(_HMAC_PADS) >= 8:
+            _HMAC_PADS.clear()
+        key = fingerprint_key if len(fingerprint_key) <= 64 else hashlib.sha256(
+            fingerprint_key).digest()
+        padded = key.ljust(64, b"\x00")
+        pads = _HMAC_PADS[fingerprint_key] = (hashlib.sha256(bytes(b ^ 0x36 for b in padded)),
+                                              hashlib.sha256(bytes(b ^ 0x5C for b in padded)))
+    inner, outer = pads
+    inner = inner.copy()
+    inner.update(domain.encode() + b"\x00")
+    new_inner, new_outer = inner.copy, outer.copy
+    out = []
+    for m in match_keys:
+        i = new_inner()
+        i.update(m.encode("utf-8", "surrogatepass"))
+        o = new_outer()
+        o.update(i.digest())
+        out.append(o.digest())
+    return out
 
 
 def encrypt_under(aead: AESGCM, version: int, token: str, canonical: str) -> tuple[int, bytes]:
@@ -141,6 +168,7 @@ class FileKeyring:
     current: int
     source: str = "memory"
     _aead: dict[int, AESGCM] = field(default_factory=dict, repr=False)
+    _hmac_pads: tuple[bytes, Any, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.current not in self.keys:
