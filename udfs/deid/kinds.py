@@ -171,6 +171,11 @@ _DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
+def _nfkc(value: str) -> str:
+    # ASCII is its own NFKC form; isascii() is a flag CPython keeps, so this skips the call.
+    return value if value.isascii() else unicodedata.normalize("NFKC", value)
+
+
 def _check_text(value: str) -> None:
     if _CONTROL.search(value):
         raise _Invalid("contains a control character")
@@ -191,18 +196,20 @@ _INVISIBLE_NOT_JOINERS = re.compile("[\u00ad\u061c\u180e\u200b\u200e\u200f\u202a
 
 def _visible(value: str) -> str:
     """The value without invisible format characters (fast path: most values have none)."""
+    if value.isascii():  # every invisible format character is outside ASCII
+        return value
     return _INVISIBLE.sub("", value) if _INVISIBLE.search(value) else value
 
 
 def _norm_email(value: str) -> tuple[str, str]:
-    v = _visible(unicodedata.normalize("NFKC", value)).strip().lower()
+    v = _visible(_nfkc(value)).strip().lower()
     if not _EMAIL.fullmatch(v):
         raise _Invalid("is not an email address (expected exactly one '@' and a dotted domain)")
     return v, v
 
 
 def _norm_phone(value: str) -> tuple[str, str]:
-    v = _PHONE_SEPARATORS.sub("", _visible(unicodedata.normalize("NFKC", value)))
+    v = _PHONE_SEPARATORS.sub("", _visible(_nfkc(value)))
     plus = v.startswith("+")
     digits = v[1:] if plus else v
     if not _DIGITS.fullmatch(digits or "x"):
@@ -236,7 +243,7 @@ def _norm_card(value: str) -> tuple[str, str]:
 
 
 def _norm_words(value: str) -> tuple[str, str]:
-    v = unicodedata.normalize("NFKC", value)
+    v = _nfkc(value)
     if _INVISIBLE.search(v):
         v = _INVISIBLE_NOT_JOINERS.sub("", v)
         v = _WS.sub(" ", v).strip()
@@ -258,7 +265,7 @@ def _norm_date(value: str) -> tuple[str, str]:
 
 
 def _norm_string(value: str) -> tuple[str, str]:
-    v = unicodedata.normalize("NFC", value)
+    v = value if value.isascii() else unicodedata.normalize("NFC", value)
     if _INVISIBLE.search(v):
         v = _INVISIBLE_NOT_JOINERS.sub("", v)
         return v, _JOINERS.sub("", v)
@@ -374,7 +381,8 @@ def normalize_many(kind: Kind, values: list[str]) -> list[tuple[str, str]]:
         try:
             if len(value) > limit:
                 raise _Invalid(f"is longer than the {kind.name} limit of {limit} characters")
-            if check(value):
+            # A printable string has no control character: skip the regex for almost all.
+            if not value.isprintable() and check(value):
                 raise _Invalid("contains a control character")
             out.append(norm(value))
         except _Invalid as exc:

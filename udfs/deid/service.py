@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from itertools import compress, repeat
+from operator import is_
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -102,7 +104,7 @@ class TokenizeBatch:
         # One cache namespace per domain and kind: a value has one token per domain.
         self.namespace = (spec.domain, spec.name)
         self.out = cache.lookup(self.namespace, self.values)
-        self.pending: dict[str, list[int]] = {}
+        self.pending: Counter[str] = Counter()  # raw values the cache did not answer: rows
 
     def done(self) -> bool:
         """True when every non-NULL value was cached (the steady-state fast path)."""
@@ -110,11 +112,11 @@ class TokenizeBatch:
         if out.count(None) == self.nulls:
             self.count(new=0, existing=len(values) - self.nulls)
             return True
+        # C-level passes over the rows (this runs once per DuckDB vector).
         pending = self.pending
-        for i, (v, t) in enumerate(zip(values, out, strict=True)):
-            if t is None and v is not None:
-                pending.setdefault(v, []).append(i)
-        if any(not isinstance(v, str) for v in pending):
+        pending.update(compress(values, map(is_, out, repeat(None))))
+        pending.pop(None, None)  # type: ignore[call-overload]
+        if not all(map(isinstance, pending, repeat(str))):
             row = next(i for i, v in enumerate(values) if v is not None and not isinstance(v, str))
             raise InvalidValueError(self.spec.name, "is not text", row=row + 1,
                                     column=self.column)
@@ -129,7 +131,7 @@ class TokenizeBatch:
             normalized = _kinds.normalize_many(self.spec.kind, raws)
         except _kinds._Invalid as exc:
             raise InvalidValueError(self.spec.name, str(exc),
-                                    row=self.pending[raws[exc.index]][0] + 1,
+                                    row=self.values.index(raws[exc.index]) + 1,
                                     column=self.column) from None
         out: dict[str, tuple[str, list[str]]] = {}
         for raw, (canonical, match_key) in zip(raws, normalized, strict=True):
@@ -142,7 +144,7 @@ class TokenizeBatch:
         return out
 
     def rows(self, raws: list[str]) -> int:
-        return sum(len(self.pending[r]) for r in raws)
+        return sum(map(self.pending.__getitem__, raws))
 
     def refuse_misses(self, missing_raws: list[str]) -> None:
         """For a look-up-only principal: fail the batch (audited) if a value is unseen."""
@@ -150,7 +152,7 @@ class TokenizeBatch:
             assert self.principal is not None
             missed = self.rows(missing_raws)
             present = len(self.values) - self.nulls
-            row = min(self.pending[r][0] for r in missing_raws) + 1
+            row = min(map(self.values.index, missing_raws)) + 1
             raise self.gate.missed(self.principal, self.spec.domain, self.spec.name,
                                    existing=present - missed, missed=missed, row=row,
                                    query_id=self.query_id, host=self.host)
@@ -158,15 +160,13 @@ class TokenizeBatch:
     def finish(self, cache: BoundedCache, groups: dict[str, tuple[str, list[str]]],
                token_of: dict[str, str], *, new_raws: int) -> list[str | None]:
         """Fill the output from key -> token, remember the spellings, count for the audit."""
-        out, pending = self.out, self.pending
-        learned = []
-        for key, (_canonical, spellings) in groups.items():
-            token = token_of[key]
-            for raw in spellings:
-                learned.append((raw, token))
-                for i in pending[raw]:
-                    out[i] = token
+        learned = [(raw, token_of[key])
+                   for key, (_canonical, spellings) in groups.items() for raw in spellings]
         cache.store(self.namespace, learned)
+        # Every row's answer by one dict lookup: cached tokens, then the ones just learned.
+        answer = dict(zip(self.values, self.out, strict=True))
+        answer.update(learned)
+        self.out = out = list(map(answer.get, self.values))
         present = len(self.values) - self.nulls
         self.count(new=new_raws, existing=present - new_raws)
         return out
