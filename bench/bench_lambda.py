@@ -64,22 +64,18 @@ def timed(fn: Callable[[], str]) -> tuple[float, float, str]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=100_000)
-    ap.add_argument("--distinct", type=float, default=0.10, help="fraction of distinct values")
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+def measure(rows: int = 100_000, distinct_fraction: float = 0.10,
+            repeat: int = 3) -> dict[str, object]:
+    """Medians of `repeat` runs of each case: {case: (wall s, CPU s)}, plus sizes."""
     os.environ.pop("DEID_KEYS", None)
-
-    distinct = max(1, int(args.rows * args.distinct))
-    request = make_request(args.rows, distinct)
+    distinct = max(1, int(rows * distinct_fraction))
+    request = make_request(rows, distinct)
     results: dict[str, list[tuple[float, float]]] = {
         "runtime: parse the request JSON": [], "cold vault (mint all)": [],
         "warm vault, cold container": [], "warm container": []}
     response_size = 0
 
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         with tempfile.TemporaryDirectory(prefix="deid-bench-") as tmp:
             wall, cpu, _ = timed(lambda: json.loads(request))  # type: ignore[arg-type,return-value]
             results["runtime: parse the request JSON"].append((wall, cpu))
@@ -93,7 +89,7 @@ def main() -> None:
             doc = json.loads(out)
             if not doc.get("success"):
                 raise SystemExit(f"tokenize failed: {doc.get('error_msg')}")
-            assert len(doc["results"]) == args.rows and len(set(doc["results"])) == distinct
+            assert len(doc["results"]) == rows and len(set(doc["results"])) == distinct
             results["cold vault (mint all)"].append((wall, cpu))
             response_size = _wire_size(out)
 
@@ -106,23 +102,39 @@ def main() -> None:
             assert json.loads(again)["results"] == doc["results"]
             results["warm container"].append((wall, cpu))
             store.close()
+    return {
+        "rows": rows, "distinct": distinct, "request_bytes": len(request.encode()),
+        "response_bytes": response_size,
+        "cases": {case: (statistics.median(r[0] for r in runs),
+                         statistics.median(r[1] for r in runs))
+                  for case, runs in results.items()},
+    }
 
-    print(f"deid.tokenize Lambda handler, one batch: {args.rows:,} values, {distinct:,} distinct, "
-          f"{len(request.encode()):,} bytes of request (MAX_BATCH_SIZE {MAX_BATCH_SIZE:,}); "
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--distinct", type=float, default=0.10, help="fraction of distinct values")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    m = measure(args.rows, args.distinct, args.repeat)
+    rows, cases = args.rows, m["cases"]
+    assert isinstance(cases, dict)
+    print(f"deid.tokenize Lambda handler, one batch: {rows:,} values, {m['distinct']:,} distinct, "
+          f"{m['request_bytes']:,} bytes of request (MAX_BATCH_SIZE {MAX_BATCH_SIZE:,}); "
           f"SQLite vault; median of {args.repeat}")
     print()
     print(f"{'case':<34} {'wall ms':>9} {'CPU ms':>9} {'values/s (CPU)':>15}")
     print(f"{'-' * 34} {'-' * 9} {'-' * 9} {'-' * 15}")
-    for case, runs in results.items():
-        wall = statistics.median(r[0] for r in runs)
-        cpu = statistics.median(r[1] for r in runs)
-        rate = f"{args.rows / cpu:,.0f}" if cpu > 0 else "-"
+    for case, (wall, cpu) in cases.items():
+        rate = f"{rows / cpu:,.0f}" if cpu > 0 else "-"
         print(f"{case:<34} {wall * 1000:>9.0f} {cpu * 1000:>9.0f} {rate:>15}")
     print()
-    verdict = "under" if response_size < LAMBDA_PAYLOAD_LIMIT else "OVER"
-    print(f"response on the wire: {response_size:,} bytes, {verdict} Lambda's "
+    size = int(m["response_bytes"])  # type: ignore[call-overload]
+    verdict = "under" if size < LAMBDA_PAYLOAD_LIMIT else "OVER"
+    print(f"response on the wire: {size:,} bytes, {verdict} Lambda's "
           f"{LAMBDA_PAYLOAD_LIMIT:,}-byte limit")
-    cold_cpu = statistics.median(r[1] for r in results["cold vault (mint all)"])
+    cold_cpu = cases["cold vault (mint all)"][1]
     print(f"target, under 1 s of handler CPU for the batch: "
           f"{'met' if cold_cpu < 1 else 'NOT met'} ({cold_cpu:.2f} s on a cold vault)")
 

@@ -188,6 +188,11 @@ class SQLiteStore(VaultStore):
                 # system call per page (bounded, and the kernel may reclaim these pages).
                 db.execute(f"pragma mmap_size={self._mmap_bytes}")
                 db.execute("pragma foreign_keys=on")
+                # New tokens land at random keys in two B-trees, so a vector of 2,048 dirties
+                # thousands of pages: checkpoint every 64 MiB of log, not SQLite's 4 MiB (which
+                # copied every commit's pages back at once), and cut the log back afterwards.
+                db.execute("pragma wal_autocheckpoint=16384")
+                db.execute("pragma journal_size_limit=67108864")
             except sqlite3.Error as exc:
                 if db is not None:
                     db.close()
