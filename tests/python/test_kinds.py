@@ -229,6 +229,9 @@ def test_common_kind_tells_one_kind_batches_and_refuses_mixtures() -> None:
     emails = KINDS["email"].new_tokens(3, ["", "", ""])
     names = KINDS["name"].new_tokens(2, ["", ""])
     assert common_kind(emails) is KINDS["email"] and common_kind(names) is KINDS["name"]
+    for kind in KINDS.values():  # every kind but SSN and card has a mark; a new kind too
+        if kind.name not in ("ssn", "card"):
+            assert common_kind(kind.new_tokens(2, ["1234", "5678"])) is kind
     assert common_kind(emails + names) is None and common_kind([]) is None
     # SSN and card tokens are told apart by length, not a mark: the per-token path does them
     assert common_kind(KINDS["ssn"].new_tokens(2, ["", ""])) is None

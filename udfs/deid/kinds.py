@@ -421,7 +421,8 @@ def kind_of_token(token: str, *, validate: bool = True) -> Kind | None:
 
 # What sets each kind's valid tokens apart from every other kind's: (prefix, suffix).
 _SIGNATURES = {"email": ("", "@deid.invalid"), "phone": ("+999", ""), "name": ("name_", ""),
-               "address": ("addr_", ""), "date": ("date_", ""), "string": ("str_", "")}
+               "address": ("addr_", ""), "date": ("date_", ""), "number": ("num_", ""),
+               "timestamp": ("ts_", ""), "string": ("str_", "")}
 
 
 def common_kind(tokens: list[str]) -> Kind | None:
