@@ -109,7 +109,9 @@ def phase_build(rows: int, distinct: float, hashing: str, vault: str, cache_size
 
     con = duckdb.connect(str(OUT / f"warehouse_{rows}_{distinct}.duckdb"))
     if hashing == "deid":
-        register(con, open_service(VaultConfig(url=vault, cache_size=cache_size)), "bench")
+        svc = open_service(VaultConfig(url=vault, cache_size=cache_size))
+        svc.store.grant_tokenize("bench", "*", "tokenize", "bench")  # type: ignore[attr-defined]
+        register(con, svc, "bench")
     times = []
     for _ in range(repeat_in_process):
         t0 = time.perf_counter()
@@ -217,6 +219,9 @@ for p in reversed({paths}):
 from deid import plpython_host
 return plpython_host.{name}(plpy, {args}, vault_schema="deid_vault")
 $f$""")
+        # The functions run as the admin login (session_user): it may mint and detokenize.
+        ddl.append(f"insert into deid_vault.tokenize_grants values ('{pg_cluster.ADMIN}', '*', "
+                   "'tokenize', 'now', 'bench')")
         pg_cluster.admin_sql(cluster, ";\n".join(ddl))
         conn = psycopg2.connect(cluster.dsn())
         conn.autocommit = True
