@@ -296,14 +296,13 @@ class DynamoDBStore(VaultStore):
         pk = f"meta#{name}"
         purpose = name.removesuffix("_key")
         item = self._get(pk)
-        if item is None:
-            # A concurrent first writer stores the key before its first record: if records
-            # exist now, the key may have appeared since the read above. Read it once more.
-            if not may_create() and (item := self._get(pk)) is None:
-                raise VaultKeyError(
-                    f"deid keys: {pk} is missing from table {self.table!r} although the vault "
-                    "holds records; restore it from a backup (refusing to create a new key, "
-                    "which would break the vault)")
+        # A concurrent first writer stores the key before its first record: if records exist
+        # now, the key may have appeared since the read above, so read it once more.
+        if item is None and not may_create() and (item := self._get(pk)) is None:
+            raise VaultKeyError(
+                f"deid keys: {pk} is missing from table {self.table!r} although the vault "
+                "holds records; restore it from a backup (refusing to create a new key, "
+                "which would break the vault)")
         if item is None:
             out = self._kms("generate_data_key", KeyId=self.kms_key, KeySpec="AES_256",
                             EncryptionContext=self.context(purpose))
