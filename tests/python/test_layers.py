@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "udfs" / "deid"
 
 CORE = ["errors.py", "kinds.py", "keys.py", "service.py", "_cache.py", "_url.py", "_audit.py",
         "_policy.py"]
-HOSTS = ["duckdb_plugin", "lambda_handler", "plpython_host", "cli"]
+HOSTS = ["duckdb_plugin", "lambda_handler", "plpython_host", "cli", "ingest"]
 # Developer tools inside the package: `deid check` (column lineage; needs sqlglot).
 TOOLS = ["lineage"]
 BACKENDS = ["stores.sqlite", "stores.postgres", "stores.dynamodb", "skyflow"]
