@@ -21,6 +21,8 @@ import click
 from . import _audit
 from ._policy import ALL_DOMAINS
 from .errors import ConfigError, DeidError
+from .ingest import FILE_FORMATS
+from .ingest import columns as _columns
 from .service import Eraser, VaultTokenService
 from .stores import Erasure, StoredValue
 from .vault import VaultConfig, open_service, open_store
@@ -387,6 +389,66 @@ def stats(vault: str | None, as_json: bool) -> None:
     click.echo(f"erased tokens: {data.get('erased', 0)}")
     click.echo(f"principals: {data['principals']}   tokenize grants: "
                f"{data.get('tokenize_grants', 0)}   audit records: {data['audit_records']}")
+
+
+@main.command("tokenize-file")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--map", "column_map", type=click.Path(exists=True, dir_okay=False),
+              help="target/manifest.json of a dbt project, or a YAML map of sources.")
+@click.option("--source", help="The source in the map, e.g. pharmacy.customers.")
+@click.option("-c", "--column", "overrides", multiple=True, metavar="NAME=KIND",
+              help="Declare a column: a kind spec (email, string:customer) or 'clear'.")
+@click.option("--allow-undeclared", is_flag=True,
+              help="Pass columns the map does not declare through unchanged.")
+@click.option("--format", "in_format", type=click.Choice(FILE_FORMATS),
+              help="Input format (default: from the suffix).")
+@click.option("--to", "out_format", type=click.Choice(FILE_FORMATS),
+              help="Output format (default: from the suffix).")
+@click.option("--batch-rows", default=50_000, show_default=True)
+@click.option("--cache-size", default=200_000, show_default=True,
+              help="Tokens kept in memory (entries, ~200 B each).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_vault_option
+def tokenize_file(src: Path, dst: Path, column_map: str | None, source: str | None,
+                  overrides: tuple[str, ...], allow_undeclared: bool, in_format: str | None,
+                  out_format: str | None, batch_rows: int, cache_size: int, quiet: bool,
+                  vault: str | None) -> None:
+    """Tokenize SRC (CSV, Parquet, JSON Lines) into DST before it lands anywhere."""
+    from .ingest import files as _files  # pyarrow: only this command needs it
+
+    declared: dict[str, str | None] = {}
+    name = source or src.stem
+    if column_map:
+        if not source:
+            raise click.UsageError("--map needs --source (e.g. pharmacy.customers)")
+        declared.update(_columns.source_columns(column_map, source).columns)
+    for item in overrides:
+        col, sep, kind = item.partition("=")
+        if not sep or not col:
+            raise click.UsageError(f"--column takes NAME=KIND, not {item[:40]!r}")
+        declared[col.lower()] = None if kind == "clear" else kind
+    columns = _columns.from_mapping({"sources": {name: {"columns": declared}}})[name]
+    if not columns.sensitive:
+        raise click.UsageError("no sensitive column declared: pass --map/--source or "
+                               "--column NAME=KIND")
+    if allow_undeclared:
+        columns = _columns.SourceColumns(name, columns.columns, strict=False)
+    config = VaultConfig.from_env({"vault": vault, "cache_size": cache_size,
+                                   "detokenize_cache_size": 0} if vault else
+                                  {"cache_size": cache_size, "detokenize_cache_size": 0})
+    service = open_service(config)
+    total = _files.progress_total(src, in_format)
+    with click.progressbar(length=total, label=f"tokenizing {src.name}", file=sys.stderr,
+                           hidden=quiet) as bar:
+        def advance(done: int) -> None:
+            bar.update(done - bar.pos)
+
+        stats = _files.tokenize_file(service, src, dst, columns, in_format=in_format,
+                                     out_format=out_format, batch_rows=batch_rows,
+                                     progress=advance)
+    counts = ", ".join(f"{c}={n}" for c, n in (stats.tokenized or {}).items())
+    click.echo(f"{dst}: {stats.rows} rows; tokenized {counts}", err=True)
 
 
 @main.command()
