@@ -27,7 +27,15 @@ def resources(template: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 def statements(role: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for p in role["Properties"]["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    """Every statement a role can hold; a conditional one (Fn::If) counts as present."""
+    out = []
+    for p in role["Properties"]["Policies"]:
+        for s in p["PolicyDocument"]["Statement"]:
+            if "Fn::If" in s:
+                _cond, s, absent = s["Fn::If"]
+                assert absent == {"Ref": "AWS::NoValue"}
+            out.append(s)
+    return out
 
 
 def as_list(x: Any) -> list[Any]:
@@ -47,7 +55,9 @@ def test_functions_run_our_handlers_on_python_312(template: dict[str, Any]) -> N
     assert template["Globals"]["Function"]["Runtime"] == "python3.12"
     handlers = {f["Properties"]["Handler"] for f in functions.values()}
     assert handlers == {"deid.lambda_handler.tokenize_handler",
-                        "deid.lambda_handler.detokenize_handler"}
+                        "deid.lambda_handler.detokenize_handler",
+                        "deid.ingest.stream.kinesis_handler",
+                        "deid.ingest.stream.dynamodb_handler"}
     for handler in handlers:
         module, _, name = handler.rpartition(".")
         assert callable(getattr(importlib.import_module(module), name))
@@ -107,7 +117,7 @@ def test_tokenize_role_cannot_decrypt_values(template: dict[str, Any]) -> None:
 
 
 def test_no_wildcard_permissions_in_function_roles(template: dict[str, Any]) -> None:
-    for name in ("TokenizeRole", "DetokenizeRole", "RedshiftInvokeRole"):
+    for name in ("TokenizeRole", "DetokenizeRole", "RedshiftInvokeRole", "IngestRole"):
         for s in statements(template["Resources"][name]):
             assert "*" not in as_list(s["Resource"]), name
             assert not any(a.endswith("*") for a in as_list(s["Action"])), name
@@ -119,3 +129,41 @@ def test_detokenize_role_writes_only_audit_items(template: dict[str, Any]) -> No
     [stmt] = writes
     keys = stmt["Condition"]["ForAllValues:StringLike"]["dynamodb:LeadingKeys"]
     assert sorted(keys) == ["audit#*", "meta#audit_key"]
+
+
+def test_ingest_role_mints_tokens_but_cannot_decrypt_values(template: dict[str, Any]) -> None:
+    """Ingest tokenizes like deid.tokenize; erasing on REMOVE adds only the audit key."""
+    assert _kms_grants(template["Resources"]["IngestRole"]) == {
+        ("kms:Decrypt", "fingerprint"), ("kms:GenerateDataKey", "fingerprint"),
+        ("kms:GenerateDataKey", "values"),
+        ("kms:Decrypt", "audit"), ("kms:GenerateDataKey", "audit")}
+    by_sid = {s["Sid"]: s for s in statements(template["Resources"]["IngestRole"])}
+    assert by_sid["WriteTokenizedRecords"]["Action"] == "s3:PutObject"
+    assert by_sid["WriteTokenizedRecords"]["Resource"] == {
+        "Fn::Sub": "${IngestBucket.Arn}/tokenized/*"}
+    assert by_sid["ReadTheKinesisStream"]["Resource"] == {"Ref": "IngestKinesisStreamArn"}
+    assert by_sid["ReadTheDynamoDBStream"]["Resource"] == {"Ref": "IngestDynamoDBStreamArn"}
+    erase_keys = by_sid["EraseOnRemove"]["Condition"]["ForAllValues:StringLike"][
+        "dynamodb:LeadingKeys"]
+    assert not any(k.startswith(("principal#", "key#", "meta#fingerprint")) for k in erase_keys)
+
+
+def test_ingest_resources_exist_only_when_asked_for(template: dict[str, Any]) -> None:
+    ingest = {k: v for k, v in template["Resources"].items() if k.startswith("Ingest")}
+    assert len(ingest) == 6
+    assert all(v.get("Condition", "").startswith("Ingest") for v in ingest.values())
+    assert template["Parameters"]["IngestSource"]["Default"] == ""
+
+
+def test_stream_mappings_report_failed_records_and_keep_failed_batches(
+        template: dict[str, Any]) -> None:
+    for name in ("IngestKinesisFunction", "IngestDynamoDBFunction"):
+        fn = template["Resources"][name]["Properties"]
+        [event] = fn["Events"].values()
+        props = event["Properties"]
+        assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+        assert props["MaximumRetryAttempts"] >= 1  # never the infinite default
+        assert props["DestinationConfig"]["OnFailure"]["Destination"] == {
+            "Fn::GetAtt": ["IngestFailureQueue", "Arn"]}
+        assert fn["Environment"]["Variables"]["DEID_INGEST_OUTPUT"] == {
+            "Fn::Sub": "s3://${IngestBucket}/tokenized"}
