@@ -13,7 +13,7 @@ import pytest
 from moto import mock_aws
 
 import ingest_events as ev
-from deid.errors import ConfigError
+from deid.errors import ConfigError, ErasedTokenError
 from deid.ingest import columns as cols
 from deid.ingest import stream
 from deid.ingest.sinks import FileSink, FirehoseSink, S3Sink, open_sink
@@ -223,6 +223,51 @@ def test_erase_on_remove_must_name_sensitive_columns(service: VaultTokenService,
                                                      sink: Collect) -> None:
     with pytest.raises(ConfigError, match="city"):
         ChangeStreamHandler(service, CUSTOMERS, sink, erase_on_remove=["city"])
+
+
+def eraser(service: VaultTokenService, sink: Collect) -> ChangeStreamHandler:
+    return ChangeStreamHandler(service, CUSTOMERS, sink, principal="ingest-fn",
+                               erase_on_remove=["email", "ssn", "full_name"])
+
+
+def test_remove_erases_the_person_and_their_next_token_is_new(service: VaultTokenService,
+                                                              sink: Collect) -> None:
+    handler = eraser(service, sink)
+    handler.dynamodb(ev.dynamodb([("INSERT", ROWS[0], None)]))
+    old = sink.records[0]
+    handler.dynamodb(ev.dynamodb([("REMOVE", None, ROWS[0])], first_seq=200))
+    assert sink.records[1]["_op"] == "REMOVE"
+    service.store.grant("reader", "test")
+    for column in ("email", "ssn", "full_name"):
+        with pytest.raises(ErasedTokenError):
+            service.detokenize([old[column]], principal="reader")
+    # Not erased: the key and the phone still resolve (erasure is per column, configured).
+    assert service.detokenize([old["phone"]], principal="reader") == ["+18815550126"]
+    handler.dynamodb(ev.dynamodb([("INSERT", ROWS[0], None)], first_seq=300))
+    assert sink.records[2]["email"] != old["email"]  # unlinkable to the erased token
+    [audit] = [r for r in service.store.audit_records() if r["action"] == "forget"
+               and r["kinds"].get("email:email")]
+    assert audit["principal"] == "ingest-fn" and audit["count"] == 1
+
+
+def test_an_insert_after_a_remove_in_the_same_batch_gets_a_new_token(
+        service: VaultTokenService, sink: Collect) -> None:
+    eraser(service, sink).dynamodb(ev.dynamodb([
+        ("INSERT", ROWS[0], None), ("REMOVE", None, ROWS[0]), ("INSERT", ROWS[0], None)]))
+    first, tombstone, again = sink.records
+    assert tombstone["_op"] == "REMOVE"
+    assert again["email"] != first["email"]
+    service.store.grant("reader", "test")
+    assert service.detokenize([again["email"]], principal="reader") == ["ada@example.com"]
+
+
+def test_remove_without_old_image_cannot_erase_and_is_reported(service: VaultTokenService,
+                                                                sink: Collect) -> None:
+    event = ev.dynamodb([("INSERT", ROWS[1], None), ("REMOVE", None, ROWS[0])])
+    del event["Records"][1]["dynamodb"]["OldImage"]  # a KEYS_ONLY stream
+    out = eraser(service, sink).dynamodb(event)
+    assert out == {"batchItemFailures": [{"itemIdentifier": "112"}]}
+    assert [r["_op"] for r in sink.records] == ["INSERT"]  # no tombstone without its erasure
 
 
 # -- Kafka ------------------------------------------------------------------------------------
