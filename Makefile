@@ -7,7 +7,7 @@ PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constra
 export DBT_PROFILES_DIR ?= $(CURDIR)
 export DBT_SEND_ANONYMOUS_USAGE_STATS := false
 
-.PHONY: demo test test-fast lint check bench bench-lambda demo-postgres clean
+.PHONY: demo demo-ingest test test-fast lint check bench bench-lambda demo-postgres clean
 
 # The embedded pipeline only (dbt-duckdb, DuckDB, Faker).
 $(VENV)/.demo: pyproject.toml constraints.txt
@@ -16,18 +16,28 @@ $(VENV)/.demo: pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e '.[duckdb,synth]'
 	touch $@
 
+# The embedded pipeline plus tokenize-at-ingest (pyarrow, PyYAML, boto3).
+$(VENV)/.ingest: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e '.[duckdb,synth,ingest]'
+	touch $@ $(VENV)/.demo
+
 # Everything the test suite and benchmarks need.
 $(VENV)/.dev: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) -e '.[dev]'
-	touch $@ $(VENV)/.demo
+	touch $@ $(VENV)/.demo $(VENV)/.ingest
 
 profiles.yml:
 	cp profiles.yml.example $@
 
 demo: $(VENV)/.demo profiles.yml
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+demo-ingest: $(VENV)/.ingest profiles.yml
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_ingest.sh
 
 # Everything, in random order (pytest-randomly): the PostgreSQL tier included, whose server
 # scripts/ensure_postgres.sh installs where it can or names the command that does.
@@ -62,4 +72,4 @@ demo-postgres: $(VENV)/.dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_postgres.sh
 
 clean:
-	rm -rf target logs dbt_packages warehouse.duckdb .deid
+	rm -rf target logs dbt_packages warehouse.duckdb .deid ingest_out

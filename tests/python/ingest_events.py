@@ -97,3 +97,17 @@ def kafka(partitions: dict[int, list[dict[str, Any] | bytes | None]], *,
             records.append(rec)
         doc["records"][f"{template['topic']}-{partition}"] = records
     return doc
+
+
+class Collect:
+    """A sink that keeps what it is given (the file/S3/Firehose sinks are tested below)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, str, list[dict[str, Any]]]] = []
+
+    def write(self, source: str, batch_id: str, records: Any) -> None:
+        self.batches.append((source, batch_id, list(records)))
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return [r for _, _, recs in self.batches for r in recs]

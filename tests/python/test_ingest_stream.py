@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import boto3
 import pytest
@@ -19,6 +18,7 @@ from deid.ingest import stream
 from deid.ingest.sinks import FileSink, FirehoseSink, S3Sink, open_sink
 from deid.ingest.stream import ChangeStreamHandler, IngestBatchError
 from deid.service import VaultTokenService
+from ingest_events import Collect
 
 CUSTOMERS = cols.SourceColumns("crm.customers", {
     "customer_id": "string:customer", "email": "email", "phone": "phone", "ssn": "ssn",
@@ -33,20 +33,6 @@ ROWS = [
      "phone": "931-555-0113", "ssn": "902-11-0001", "city": "Arlington"},
 ]
 RAW = {v for r in ROWS for k, v in r.items() if isinstance(v, str) and k != "city"}
-
-
-class Collect:
-    """A sink that keeps what it is given (the file/S3/Firehose sinks are tested below)."""
-
-    def __init__(self) -> None:
-        self.batches: list[tuple[str, str, list[dict[str, Any]]]] = []
-
-    def write(self, source: str, batch_id: str, records: Any) -> None:
-        self.batches.append((source, batch_id, list(records)))
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        return [r for _, _, recs in self.batches for r in recs]
 
 
 @pytest.fixture
