@@ -138,6 +138,26 @@ def test_an_undeclared_column_fails_its_record(handler: ChangeStreamHandler,
     assert len(sink.records) == 1
 
 
+def test_a_column_spelled_in_another_case_is_still_tokenized(
+        handler: ChangeStreamHandler, sink: Collect, service: VaultTokenService) -> None:
+    row = {("EMAIL" if k == "email" else k): v for k, v in ROWS[0].items()}
+    handler.kinesis(ev.kinesis([row]))
+    assert sink.records[0]["EMAIL"] == token(service, "email", "ada@example.com")
+
+
+def test_values_that_could_slip_past_tokenize_fail_their_record(
+        handler: ChangeStreamHandler, sink: Collect) -> None:
+    """A nested value in a sensitive column, or a column given twice in two cases (one
+    spelling would go untokenized), fails the record instead of passing through."""
+    nested = {**ROWS[0], "email": {"primary": "ada@example.com"}}
+    twice = {**ROWS[0], "Email": "ada@example.com"}
+    for bad in (nested, twice):
+        event = ev.kinesis([bad])
+        assert handler.kinesis(event) == {"batchItemFailures": [
+            {"itemIdentifier": event["Records"][0]["kinesis"]["sequenceNumber"]}]}
+    assert sink.records == []
+
+
 def test_a_dms_envelope_carries_the_operation(handler: ChangeStreamHandler, sink: Collect,
                                               service: VaultTokenService) -> None:
     event = ev.kinesis([

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
+from dbt_project_copy import ROOT
 from deid.cli import main
 from deid.errors import DeidError
 from deid.ingest import files
@@ -150,3 +156,49 @@ def test_column_map_from_yaml(tmp_path: Path, vault_path: Path,
                  "--source", "crm.customers")
     assert result.exit_code == 0, result.output
     assert read_rows(tmp_path / "o.csv") == expected(service)
+
+
+def _readme_block(start: str) -> str:
+    """The fenced block of README.md whose first line starts with `start`."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    [block] = [b for b in blocks if b.startswith(start)]
+    return block
+
+
+def test_readme_column_map_and_command(tmp_path: Path, vault_path: Path,
+                                       service: VaultTokenService) -> None:
+    """The README's YAML map and tokenize-file command, as a user copies them."""
+    (tmp_path / "ingest_columns.yml").write_text(_readme_block("# ingest_columns.yml"))
+    with (tmp_path / "contacts.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["contact_id", "email", "phone", "country"])
+        w.writerows([["7", "ada@example.com", "(881) 555-0126", "UK"],
+                     *[[str(i), f"c{i}@example.com", "", "FR"] for i in range(8, 20)],
+                     ["20", "bob-at-example.com", "", "DE"]])  # data row 14
+    [command] = [ln for ln in _readme_block("deid tokenize-file").splitlines() if ln]
+    args = shlex.split(command)
+    assert args[0] == "deid"
+    env = {**os.environ, "DEID_VAULT": f"sqlite:///{vault_path}"}
+    deid = str(Path(sys.executable).with_name("deid"))
+    proc = subprocess.run([deid, *args[1:]], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    # The last row is bad: the README's error line, word for word around the reason.
+    shown = next(ln for ln in _readme_block("error: deid tokenize-file").splitlines() if ln)
+    before, _, after = shown.partition(" … ")
+    got = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1
+    assert got.startswith(before.replace("data row 11", "data row 14"))
+    assert got.endswith(after) and "bob" not in got
+    assert not (tmp_path / "contacts_tokenized.csv").exists()
+
+    (tmp_path / "contacts.csv").write_text(
+        (tmp_path / "contacts.csv").read_text().replace("bob-at-example.com", "bob@example.com"))
+    proc = subprocess.run([deid, *args[1:]], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    [first, *_] = read_rows(tmp_path / "contacts_tokenized.csv")
+    assert first == {"contact_id": service.tokenize("string:customer", ["7"])[0],
+                     "email": service.tokenize("email", ["ada@example.com"])[0],
+                     "phone": service.tokenize("phone", ["(881) 555-0126"])[0],
+                     "country": "UK"}

@@ -60,8 +60,15 @@ def tokenize_rows(service: TokenService, columns: SourceColumns,
     errors: dict[int, RowError] = {}
     sensitive = columns.sensitive
     for i, row in enumerate(rows):
+        seen: set[str] = set()
         for name in row:
-            if name.lower() not in columns.columns and columns.strict:
+            lower = name.lower()
+            if lower in seen:
+                # Two spellings of one column: only one could be tokenized, so fail instead.
+                errors.setdefault(i, RowError(i, name[:64], None, "appears twice (names that "
+                                              "differ only in case)"))
+            seen.add(lower)
+            if lower not in columns.columns and columns.strict:
                 errors.setdefault(i, RowError(i, name[:64], None,
                                               "is not declared in the column map (declare it, "
                                               "with a kind if it is sensitive)"))
