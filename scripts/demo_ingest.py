@@ -65,7 +65,7 @@ def main(project: Path) -> int:
     out = project / "ingest_out"
     shutil.rmtree(out, ignore_errors=True)
 
-    say("1/4  Replay the recorded DynamoDB stream through deid.ingest.stream.dynamodb_handler")
+    say("1/5  Replay the recorded DynamoDB stream through deid.ingest.stream.dynamodb_handler")
     print(f"(column map: the dbt sources' pii meta in target/manifest.json; erase on REMOVE: "
           f"{', '.join(ERASE)})")
     replay(project, out)
@@ -86,7 +86,7 @@ def main(project: Path) -> int:
                        from ingest.customer_changes)
                    where _rank = 1 and _op != 'REMOVE'""")
 
-    say("2/4  Landed: tokens only, next to the dbt-built mart; they join on tokens")
+    say("2/5  Landed: tokens only, next to the dbt-built mart; they join on tokens")
     show(con, """select _op, customer_id, email, city, _changed
                  from ingest.customer_changes order by cast(_seq as hugeint)""")
     show(con, """select c.customer_id as customer_key, d.age_band, d.zip3, d.region,
@@ -97,14 +97,14 @@ def main(project: Path) -> int:
                  left join main.dim_customers d on c.customer_id = d.customer_key
                  order by d.customer_key nulls last""")
 
-    say("3/4  Customer 2 changed their email: the MODIFY carries a new token")
+    say("3/5  Customer 2 changed their email: the MODIFY carries a new token")
     show(con, """select _op, _changed, email
                  from ingest.customer_changes i
                  where customer_id = (select customer_id from ingest.customer_changes
                                       where _op = 'MODIFY')
                  order by cast(_seq as hugeint)""")
 
-    say("4/4  Customer 3 was deleted and erased: their tokens no longer detokenize")
+    say("4/5  Customer 3 was deleted and erased: their tokens no longer detokenize")
     service = open_service(VaultConfig.from_env())
     register(con, service, "pii_reader")
     print("customer 1's email, re-identified by pii_reader:")
@@ -120,6 +120,17 @@ def main(project: Path) -> int:
     print("  mart:  ", refusal(con, f"""select deid.detokenize(email_token)
                                         from main.dim_customers
                                         where customer_key = {erased}"""))
+
+    say("5/5  The mart still holds the erased tokens: `deid erased` lists them to clean up")
+    erased = [e.token for e in service.erasures(None)]  # tokens only: the values are gone
+    con.execute("create or replace temp table erased as select unnest($tokens) as token",
+                {"tokens": erased})
+    columns = ["customer_key", "full_name_token", "email_token", "phone_token", "ssn_token",
+               "street_address_token"]
+    show(con, f"""select {", ".join(f"{c} in (select token from erased) as {c}_erased"
+                                    for c in columns)}
+                  from main.dim_customers
+                  where {" or ".join(f"{c} in (select token from erased)" for c in columns)}""")
     con.close()
     return 0
 

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "0/4  Build the customer mart with dbt (the in-warehouse path), the vault in .deid/"
+say "0/5  Build the customer mart with dbt (the in-warehouse path), the vault in .deid/"
 dbt seed --quiet
 dbt build --quiet --exclude resource_type:seed
 deid grant pii_reader
