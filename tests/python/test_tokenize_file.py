@@ -202,3 +202,17 @@ def test_readme_column_map_and_command(tmp_path: Path, vault_path: Path,
                      "email": service.tokenize("email", ["ada@example.com"])[0],
                      "phone": service.tokenize("phone", ["(881) 555-0126"])[0],
                      "country": "UK"}
+
+
+def test_json_lines_to_parquet_with_a_column_empty_in_the_first_batch(
+        tmp_path: Path, service: VaultTokenService) -> None:
+    """One output file, one schema: a column with no value in the first batch is text."""
+    with (tmp_path / "in.jsonl").open("w") as fh:
+        fh.write(json.dumps({"email": "a@example.com", "note": None}) + "\n")
+        fh.write(json.dumps({"email": "c@example.com", "note": "x"}) + "\n")
+    columns = SourceColumns("t", {"email": "email", "note": None})
+    files.tokenize_file(service, tmp_path / "in.jsonl", tmp_path / "out.parquet", columns,
+                        batch_rows=1)
+    assert pq.read_table(tmp_path / "out.parquet").to_pylist() == [
+        {"email": service.tokenize("email", ["a@example.com"])[0], "note": None},
+        {"email": service.tokenize("email", ["c@example.com"])[0], "note": "x"}]

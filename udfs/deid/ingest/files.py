@@ -233,6 +233,7 @@ class _Writer:
     def __init__(self, path: Path, fmt: str) -> None:
         self.path, self.fmt = path, fmt
         self._arrow: Any = None
+        self._schema: pa.Schema | None = None
         self._fh: BinaryIO | None = None
 
     def __enter__(self) -> _Writer:
@@ -245,8 +246,24 @@ class _Writer:
             self.write_rows(batch.to_pylist())
             return
         if self._arrow is None:
-            self._arrow = (pcsv.CSVWriter(str(self.path), batch.schema) if self.fmt == "csv"
-                           else pq.ParquetWriter(str(self.path), batch.schema))
+            # A column with no value in the first batch has no type yet: make it text.
+            schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f
+                                for f in batch.schema])
+            batch = batch.cast(schema)
+            self._schema = schema
+            self._arrow = (pcsv.CSVWriter(str(self.path), schema) if self.fmt == "csv"
+                           else pq.ParquetWriter(str(self.path), schema))
+        elif batch.schema != self._schema:
+            # JSON Lines infer types per batch (a column all NULL in one batch has no type):
+            # one file has one schema, so later batches take the first one's.
+            try:
+                batch = pa.Table.from_batches([batch]).select(self._schema.names) \
+                    .cast(self._schema).to_batches()[0]
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError):
+                raise FileTokenizeError(
+                    f"deid tokenize-file: a batch's columns or types differ from the first "
+                    f"batch's ({', '.join(batch.schema.names)[:200]}); write JSON Lines, or "
+                    "make every row carry the same columns") from None
         self._arrow.write_batch(batch)
 
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
