@@ -73,11 +73,14 @@ def _check_columns(names: list[str], columns: SourceColumns) -> None:
 # -- readers: each yields (batch, bytes or rows consumed so far) ----------------------------
 
 
-def _csv_batches(fh: BinaryIO, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    header = pcsv.open_csv(fh, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema.names
-    fh.seek(0)
+def _csv_batches(path: Path, fh: pa.NativeFile, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    with pa.OSFile(str(path)) as peek:
+        header = pcsv.open_csv(peek, read_options=pcsv.ReadOptions(block_size=1 << 16)
+                               ).schema.names
     # Every column as text: a ZIP code keeps its leading zero and a value keeps its spelling.
-    # The block is what pyarrow holds in memory: about batch_rows rows of a typical width.
+    # pyarrow holds a bounded number of blocks read ahead (a dozen): the block size, about
+    # batch_rows rows of a typical width, is what bounds the input side's memory. A native
+    # file, not a Python one: through a Python file object pyarrow read the whole file ahead.
     block = min(max(batch_rows * 100, 1 << 16), 1 << 26)
     reader = pcsv.open_csv(
         fh,
@@ -197,11 +200,11 @@ def tokenize_file(service: TokenService, src: Path, dst: Path, columns: SourceCo
                     if progress:
                         progress(fh.tell())
             else:
+                native: pa.NativeFile | None = None
                 if fin == "csv":
-                    fh = stack.enter_context(src.open("rb"))
-                    batches: Iterator[pa.RecordBatch] = _csv_batches(fh, batch_rows)
+                    native = stack.enter_context(pa.OSFile(str(src)))
+                    batches: Iterator[pa.RecordBatch] = _csv_batches(src, native, batch_rows)
                 else:
-                    fh = None
                     batches = _parquet_batches(src, batch_rows)
                 checked = False
                 for batch in batches:
@@ -212,7 +215,8 @@ def tokenize_file(service: TokenService, src: Path, dst: Path, columns: SourceCo
                                                     stats))
                     stats.rows += batch.num_rows
                     if progress:
-                        progress(fh.tell() if fh is not None else stats.rows)
+                        # bytes read so far (a few blocks ahead of the rows done), or rows
+                        progress(native.tell() if native is not None else stats.rows)
         os.replace(partial, dst)
     except BaseException:
         partial.unlink(missing_ok=True)
