@@ -18,6 +18,7 @@ from deid.ingest import stream
 from deid.ingest.sinks import FileSink, FirehoseSink, S3Sink, open_sink
 from deid.ingest.stream import ChangeStreamHandler, IngestBatchError
 from deid.service import VaultTokenService
+from deid.vault import VaultConfig, open_store
 from ingest_events import Collect
 
 CUSTOMERS = cols.SourceColumns("crm.customers", {
@@ -394,3 +395,40 @@ def test_firehose_sink_delivers_every_record() -> None:
         body = s3.get_object(Bucket="firehose-dest", Key=obj["Key"])["Body"].read()
         got += [json.loads(x) for x in body.splitlines()]
     assert sorted(r["n"] for r in got) == list(range(1203))
+
+
+@mock_aws
+def test_on_aws_shape_dynamodb_kms_vault_to_s3_with_erasure(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The production shape, on moto: the vault in DynamoDB + KMS, records to S3, a REMOVE
+    erasing the person's email."""
+    for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(var, value)
+    ddb = boto3.client("dynamodb", region_name="us-east-1")
+    ddb.create_table(TableName="vault", BillingMode="PAY_PER_REQUEST",
+                     AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                     KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}])
+    key = boto3.client("kms", region_name="us-east-1").create_key()["KeyMetadata"]["Arn"]
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="landing")
+    cmap = tmp_path / "map.yml"
+    cmap.write_text("sources:\n  crm.customers:\n    columns:\n"
+                    + "".join(f"      {c}: {k or 'null'}\n" for c, k in CUSTOMERS.columns.items()))
+    url = f"dynamodb://vault?region=us-east-1&kms_key={key}"
+    handler = stream.build(stream.IngestConfig(
+        vault=VaultConfig(url), column_map=str(cmap), source="crm.customers",
+        output="s3://landing/tokenized", erase_on_remove=("email",), principal="ingest-fn"))
+    out = handler.dynamodb(ev.dynamodb([("INSERT", ROWS[0], None), ("REMOVE", None, ROWS[0])]))
+    assert out == {"batchItemFailures": []}
+    [obj] = s3.list_objects_v2(Bucket="landing")["Contents"]
+    assert obj["Key"] == "tokenized/crm.customers/111-112.jsonl"
+    body = s3.get_object(Bucket="landing", Key=obj["Key"])["Body"].read().decode()
+    no_raw(body)
+    inserted, removed = (json.loads(x) for x in body.splitlines())
+    assert removed == {"customer_id": inserted["customer_id"], "_op": "REMOVE", "_seq": "112"}
+    reader = VaultTokenService(open_store(url))
+    reader.store.grant("reader", "test")
+    with pytest.raises(ErasedTokenError):
+        reader.detokenize([inserted["email"]], principal="reader")
+    assert reader.detokenize([inserted["ssn"]], principal="reader") == ["913-16-5146"]
