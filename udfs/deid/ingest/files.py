@@ -5,9 +5,10 @@ is read and written in record batches, so memory follows the batch size and the 
 cache, not the file. Columns map to kinds through the same declarations as the change-stream
 handlers (``columns.py``), so a file, a stream and a dbt model give one value one token.
 
-Spelling: CSV is read as text, exactly as written (``007`` stays ``007``; an empty field is
-NULL, as ``dbt seed`` and ``COPY … EMPTYASNULL`` read it). Parquet and JSON values of
-sensitive columns are turned into text as a warehouse's ``cast(x as varchar)`` does.
+Spelling: CSV (UTF-8, a header row) is read as text, exactly as written (``007`` stays
+``007``; an empty field is NULL, as ``dbt seed`` and ``COPY … EMPTYASNULL`` read it).
+Parquet and JSON values of sensitive columns are turned into text as a warehouse's
+``cast(x as varchar)`` does.
 
 A bad value fails the file: the output is written under a temporary name and removed, the
 input is untouched, and the error names the column, kind and data row — never the value.
@@ -16,6 +17,8 @@ input is untouched, and the error names the column, kind and data row — never 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -25,7 +28,7 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
+import pyarrow.csv as pcsv  # writing only
 import pyarrow.parquet as pq
 
 from ..errors import DeidError, InvalidValueError
@@ -73,24 +76,37 @@ def _check_columns(names: list[str], columns: SourceColumns) -> None:
 # -- readers: each yields (batch, bytes or rows consumed so far) ----------------------------
 
 
-def _csv_batches(path: Path, fh: pa.NativeFile, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    with pa.OSFile(str(path)) as peek:
-        header = pcsv.open_csv(peek, read_options=pcsv.ReadOptions(block_size=1 << 16)
-                               ).schema.names
-    # Every column as text: a ZIP code keeps its leading zero and a value keeps its spelling.
-    # pyarrow holds a bounded number of blocks read ahead (a dozen): the block size, about
-    # batch_rows rows of a typical width, is what bounds the input side's memory. A native
-    # file, not a Python one: through a Python file object pyarrow read the whole file ahead.
-    block = min(max(batch_rows * 100, 1 << 16), 1 << 26)
-    reader = pcsv.open_csv(
-        fh,
-        read_options=pcsv.ReadOptions(block_size=block),
-        convert_options=pcsv.ConvertOptions(
-            column_types={n: pa.string() for n in header},
-            strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=False))
-    for batch in reader:
-        for offset in range(0, batch.num_rows, batch_rows):
-            yield batch.slice(offset, batch_rows)
+def _csv_batches(fh: BinaryIO, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Rows parsed by Python's csv module, batch_rows at a time. Not pyarrow's streaming CSV
+    reader: while tokenizing lagged behind, it read and decoded the whole file ahead (a
+    158 MB file sat in its memory pool after the first batch)."""
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")
+    reader = csv.reader(text)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        columns: list[list[str | None]] = [[] for _ in header]
+        for row_no, row in enumerate(reader, 1):
+            if len(row) != len(header):
+                raise FileTokenizeError(f"deid tokenize-file: data row {row_no} has {len(row)} "
+                                        f"fields, the header {len(header)}; nothing was written")
+            # Text exactly as written; an empty field is NULL, as dbt seed and COPY read it.
+            for col, value in zip(columns, row, strict=True):
+                col.append(value or None)
+            if len(columns[0]) == batch_rows:
+                yield pa.RecordBatch.from_arrays([pa.array(c, pa.string()) for c in columns],
+                                                 names=header)
+                columns = [[] for _ in header]
+        if columns and columns[0]:
+            yield pa.RecordBatch.from_arrays([pa.array(c, pa.string()) for c in columns],
+                                             names=header)
+    except UnicodeDecodeError:
+        raise FileTokenizeError("deid tokenize-file: the CSV is not UTF-8 text; nothing was "
+                                "written") from None
+    finally:
+        if not fh.closed:
+            text.detach()  # the caller closes the file (and asks it for progress)
 
 
 def _parquet_batches(path: Path, batch_rows: int) -> Iterator[pa.RecordBatch]:
@@ -200,10 +216,10 @@ def tokenize_file(service: TokenService, src: Path, dst: Path, columns: SourceCo
                     if progress:
                         progress(fh.tell())
             else:
-                native: pa.NativeFile | None = None
+                raw: BinaryIO | None = None
                 if fin == "csv":
-                    native = stack.enter_context(pa.OSFile(str(src)))
-                    batches: Iterator[pa.RecordBatch] = _csv_batches(src, native, batch_rows)
+                    raw = stack.enter_context(src.open("rb"))
+                    batches: Iterator[pa.RecordBatch] = _csv_batches(raw, batch_rows)
                 else:
                     batches = _parquet_batches(src, batch_rows)
                 checked = False
@@ -215,8 +231,8 @@ def tokenize_file(service: TokenService, src: Path, dst: Path, columns: SourceCo
                                                     stats))
                     stats.rows += batch.num_rows
                     if progress:
-                        # bytes read so far (a few blocks ahead of the rows done), or rows
-                        progress(native.tell() if native is not None else stats.rows)
+                        # bytes read so far (a buffer ahead of the rows done), or rows
+                        progress(raw.tell() if raw is not None else stats.rows)
         os.replace(partial, dst)
     except BaseException:
         partial.unlink(missing_ok=True)
