@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "0/5  Build the customer mart with dbt (the in-warehouse path), the vault in .deid/"
+# The vault denies tokenize by default: the mart builder and the ingest function may mint.
+deid init --transformer dbt_transformer
+deid grant --tokenize ingest-demo
 dbt seed --quiet
 dbt build --quiet --exclude resource_type:seed
 deid grant pii_reader

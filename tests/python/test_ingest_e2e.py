@@ -31,6 +31,9 @@ SEED = ROOT / "seeds" / "raw" / "raw_customers.csv"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbtProject]:
     project = copy_project(tmp_path_factory.mktemp("ingest_e2e"))
+    # The builder and the ingest function each need a tokenize grant (deny by default).
+    project.deid("init", "--transformer", "dbt_transformer")
+    project.deid("grant", "--tokenize", "deid-ingest")
     project.dbt("seed", "--select", "raw_customers")
     project.dbt("run", "--select", "dim_customers")
     yield project
@@ -96,7 +99,8 @@ def test_stream_handler_and_dbt_give_one_token_per_value(built: DbtProject) -> N
 
 def test_demo_ingest_replay(built: DbtProject) -> None:
     """The replay `make demo-ingest` runs after dbt: joins, the updated token, the refusal."""
-    open_service_at(built.path / ".deid" / "vault.db").store.grant("pii_reader", "test")
+    built.deid("grant", "pii_reader")
+    built.deid("grant", "--tokenize", "ingest-demo")  # as scripts/demo_ingest.sh does
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_ingest.py"),
                            str(built.path)], env=built.env, capture_output=True, text=True,
                           timeout=300)

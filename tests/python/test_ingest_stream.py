@@ -12,7 +12,7 @@ import pytest
 from moto import mock_aws
 
 import ingest_events as ev
-from deid.errors import ConfigError, ErasedTokenError
+from deid.errors import ConfigError, ErasedTokenError, PermissionDeniedError
 from deid.ingest import columns as cols
 from deid.ingest import stream
 from deid.ingest.sinks import FileSink, FirehoseSink, S3Sink, open_sink
@@ -39,6 +39,13 @@ RAW = {v for r in ROWS for k, v in r.items() if isinstance(v, str) and k != "cit
 @pytest.fixture
 def sink() -> Collect:
     return Collect()
+
+
+@pytest.fixture(autouse=True)
+def ingest_may_tokenize(service: VaultTokenService) -> None:
+    """The vault denies tokenize by default: these functions are granted, as deployed."""
+    for principal in ("deid-ingest", "ingest-fn"):
+        service.store.grant_tokenize(principal, "*", "tokenize", "test")
 
 
 @pytest.fixture
@@ -416,6 +423,8 @@ def test_on_aws_shape_dynamodb_kms_vault_to_s3_with_erasure(
     cmap.write_text("sources:\n  crm.customers:\n    columns:\n"
                     + "".join(f"      {c}: {k or 'null'}\n" for c, k in CUSTOMERS.columns.items()))
     url = f"dynamodb://vault?region=us-east-1&kms_key={key}"
+    reader = VaultTokenService(open_store(url))
+    reader.store.grant_tokenize("ingest-fn", "*", "tokenize", "test")
     handler = stream.build(stream.IngestConfig(
         vault=VaultConfig(url), column_map=str(cmap), source="crm.customers",
         output="s3://landing/tokenized", erase_on_remove=("email",), principal="ingest-fn"))
@@ -427,8 +436,16 @@ def test_on_aws_shape_dynamodb_kms_vault_to_s3_with_erasure(
     no_raw(body)
     inserted, removed = (json.loads(x) for x in body.splitlines())
     assert removed == {"customer_id": inserted["customer_id"], "_op": "REMOVE", "_seq": "112"}
-    reader = VaultTokenService(open_store(url))
     reader.store.grant("reader", "test")
     with pytest.raises(ErasedTokenError):
         reader.detokenize([inserted["email"]], principal="reader")
     assert reader.detokenize([inserted["ssn"]], principal="reader") == ["913-16-5146"]
+
+
+def test_an_ingest_principal_without_a_tokenize_grant_is_refused(
+        service: VaultTokenService, sink: Collect) -> None:
+    """Tokenize is an oracle: the ingest function is a principal the vault must allow."""
+    handler = ChangeStreamHandler(service, CUSTOMERS, sink, principal="unlisted-fn")
+    with pytest.raises(PermissionDeniedError):
+        handler.kinesis(ev.kinesis([ROWS[0]]))
+    assert sink.batches == []

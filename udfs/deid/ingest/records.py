@@ -54,9 +54,11 @@ def as_text(value: Any) -> str | None:
 
 
 def tokenize_rows(service: TokenService, columns: SourceColumns,
-                  rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[RowError]]:
+                  rows: Sequence[dict[str, Any]], *, principal: str | None = None,
+                  host: str | None = None) -> tuple[list[dict[str, Any]], list[RowError]]:
     """(rows with tokens in place of sensitive values, errors). A failed row's output is
-    its input with every sensitive column removed; callers must not emit it."""
+    its input with every sensitive column removed; callers must not emit it. `principal`
+    is checked against the vault's tokenize policy (and named in its audit)."""
     errors: dict[int, RowError] = {}
     sensitive = columns.sensitive
     for i, row in enumerate(rows):
@@ -87,7 +89,8 @@ def tokenize_rows(service: TokenService, columns: SourceColumns,
         live = [i for i, t in enumerate(texts) if t is not None and i not in errors]
         while live:
             try:
-                tokens = service.tokenize(kind, [texts[i] for i in live], column=column)
+                tokens = service.tokenize(kind, [texts[i] for i in live], column=column,
+                                          principal=principal, host=host)
             except InvalidValueError as exc:
                 if exc.row is None:
                     raise

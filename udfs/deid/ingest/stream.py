@@ -244,6 +244,8 @@ class ChangeStreamHandler:
         self.columns = columns
         self.sink = sink
         self.erase_on_remove = tuple(erase_on_remove)
+        # Who the vault's tokenize policy checks (deny by default: `deid grant --tokenize`)
+        # and its audit names, for minting and for erasing.
         self.principal = principal
 
     # -- entry points -----------------------------------------------------------------------
@@ -329,7 +331,8 @@ class ChangeStreamHandler:
         decode_error = next((i for i, c in enumerate(segment) if c.error), None)
         limit = len(segment) if decode_error is None else decode_error
         rows = [c.row or {} for c in segment[:limit]]
-        tokenized, errors = tokenize_rows(self.service, self.columns, rows)
+        tokenized, errors = tokenize_rows(self.service, self.columns, rows,
+                                          principal=self.principal, host="ingest")
         failed_at, error = (errors[0].index, errors[0]) if errors else (None, None)
         if decode_error is not None and (failed_at is None or decode_error < failed_at):
             failed_at = decode_error
