@@ -14,5 +14,6 @@ dbt seed --quiet
 dbt build --quiet --exclude resource_type:seed
 deid grant pii_reader
 python scripts/demo_ingest.py "$PWD"
-say "The erasures are in the audit log (who, when, kind; never values)"
-deid audit show --limit 12
+say "The erasures are in the audit log (who, when, kind and domain; never values)"
+deid audit show --limit 100 | grep ' forget '
+deid audit verify
