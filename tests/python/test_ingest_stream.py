@@ -353,14 +353,16 @@ def test_entry_point_builds_from_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("DEID_COLUMN_MAP", str(cmap))
     monkeypatch.setenv("DEID_INGEST_SOURCE", "crm.customers")
     monkeypatch.setenv("DEID_INGEST_OUTPUT", f"file://{tmp_path / 'out'}")
+    monkeypatch.setenv("DEID_ALLOW_UNDECLARED", "true")  # an explicit choice, per function
     stream.reset()
     try:
-        assert stream.kinesis_handler(ev.kinesis(list(ROWS))) == {"batchItemFailures": []}
+        event = ev.kinesis([*ROWS[:2], {**ROWS[2], "loyalty_tier": "gold"}])
+        assert stream.kinesis_handler(event) == {"batchItemFailures": []}
     finally:
         stream.reset()
     [written] = (tmp_path / "out" / "crm.customers").glob("*.jsonl")
     lines = [json.loads(x) for x in written.read_text().splitlines()]
-    assert len(lines) == 3
+    assert len(lines) == 3 and lines[2]["loyalty_tier"] == "gold"
     no_raw(written.read_text())
 
 
