@@ -451,3 +451,19 @@ def test_an_ingest_principal_without_a_tokenize_grant_is_refused(
     with pytest.raises(PermissionDeniedError):
         handler.kinesis(ev.kinesis([ROWS[0]]))
     assert sink.batches == []
+
+
+def test_an_invalid_value_in_the_removed_image_does_not_stop_the_erasure(
+        service: VaultTokenService, sink: Collect, caplog: pytest.LogCaptureFixture) -> None:
+    """A value tokenize refuses cannot be in the vault: the rest is erased, the stream goes
+    on, and the log names the column and kind, not the value."""
+    handler = eraser(service, sink)
+    handler.dynamodb(ev.dynamodb([("INSERT", ROWS[0], None)]))
+    with caplog.at_level(logging.INFO):
+        out = handler.dynamodb(ev.dynamodb([("REMOVE", None, {**ROWS[0], "ssn": "12-34"})],
+                                           first_seq=200))
+    assert out == {"batchItemFailures": []}
+    service.store.grant("reader", "test")
+    with pytest.raises(ErasedTokenError):
+        service.detokenize([sink.records[0]["email"]], principal="reader")
+    assert "column 'ssn', kind 'ssn'" in caplog.text and "12-34" not in caplog.text

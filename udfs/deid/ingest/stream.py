@@ -34,13 +34,12 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from ..errors import ConfigError, DeidError
+from ..errors import ConfigError, DeidError, InvalidValueError
 from ..service import TokenService
 from ..vault import VaultConfig, open_service
 from . import columns as _columns
@@ -352,22 +351,25 @@ class ChangeStreamHandler:
             return RowError(index, self.erase_on_remove[0], None,
                             "REMOVE carries no old image to erase (set the stream's view type "
                             "to NEW_AND_OLD_IMAGES)")
-        by_kind: dict[str, list[str]] = defaultdict(list)
         lowered = {k.lower(): v for k, v in image.items()}
+        erased, kinds = 0, set()
         for column in self.erase_on_remove:
+            kind = self.columns.sensitive[column]
             try:
                 text = as_text(lowered.get(column))
-            except TypeError:
-                return RowError(index, column, self.columns.sensitive[column],
-                                "is not a scalar value")
-            if text is not None:
-                by_kind[self.columns.sensitive[column]].append(text)
-        erased = 0
-        for kind, values in by_kind.items():
-            erased += self.service.forget(kind, values=values,  # type: ignore[attr-defined]
-                                          principal=self.principal)
+                if text is None:
+                    continue
+                erased += self.service.forget(kind, values=[text], principal=self.principal)
+            except (TypeError, InvalidValueError) as exc:
+                # tokenize refuses such a value, so the vault cannot hold it: nothing to erase
+                # (and a record that can never succeed must not hold up the stream).
+                reason = exc.reason if isinstance(exc, InvalidValueError) else "not a scalar"
+                log.warning("deid.ingest: REMOVE %s: column %r, kind %r: %s; nothing to erase",
+                            change.position, column, kind, reason)
+                continue
+            kinds.add(kind)
         log.info("deid.ingest: REMOVE %s erased %d vault records (kinds %s)", change.position,
-                 erased, ",".join(sorted(by_kind)))
+                 erased, ",".join(sorted(kinds)))
         return None
 
 
