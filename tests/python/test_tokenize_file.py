@@ -4,14 +4,17 @@ value fails the file with its column, kind and row, never the value, and leaves 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -219,3 +222,23 @@ def test_json_lines_to_parquet_with_a_column_empty_in_the_first_batch(
     assert pq.read_table(tmp_path / "out.parquet").to_pylist() == [
         {"email": service.tokenize("email", ["a@example.com"])[0], "note": None},
         {"email": service.tokenize("email", ["c@example.com"])[0], "note": "x"}]
+
+
+def test_typed_parquet_values_are_spelled_as_the_warehouse_casts_them(
+        tmp_path: Path, service: VaultTokenService) -> None:
+    """One token space for typed columns too: the text tokenized is DuckDB's cast as varchar."""
+    table = pa.table({
+        "ts": [dt.datetime(2024, 4, 28, 14, 50, 27), dt.datetime(2024, 4, 28, 14, 50, 27, 120000)],
+        "day": [dt.date(1996, 12, 2), dt.date(2000, 1, 1)],
+        "n": [7, 1234567890123],
+        "amount": pa.array([Decimal("12.50"), Decimal("0.05")], pa.decimal128(10, 2)),
+        "flag": [True, False]})
+    pq.write_table(table, tmp_path / "typed.parquet")
+    columns = SourceColumns("t", dict.fromkeys(table.column_names, "string"))
+    files.tokenize_file(service, tmp_path / "typed.parquet", tmp_path / "out.jsonl", columns)
+    got = read_rows(tmp_path / "out.jsonl")
+    con = duckdb.connect()
+    con.register("typed", table)
+    for name in table.column_names:
+        texts = [r[0] for r in con.sql(f"select cast({name} as varchar) from typed").fetchall()]
+        assert [r[name] for r in got] == service.tokenize("string", texts), name

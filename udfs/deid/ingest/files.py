@@ -148,6 +148,22 @@ def _tokenize(service: TokenService, kind: str, column: str, values: list[str | 
                                 "written)") from None
 
 
+def _timestamp_text(v: Any) -> str:
+    text: str = v.strftime("%Y-%m-%d %H:%M:%S")
+    return text + f".{v.microsecond:06d}".rstrip("0") if v.microsecond else text
+
+
+def _as_texts(array: pa.Array) -> list[str | None]:
+    """A column as text, spelled as DuckDB's ``cast(x as varchar)`` spells it."""
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return array.to_pylist()  # type: ignore[no-any-return]
+    if pa.types.is_timestamp(array.type) and array.type.tz is None:
+        # pyarrow's cast always writes six fractional digits; the warehouse writes only the
+        # significant ones ('…:27', '…:27.12').
+        return [None if v is None else _timestamp_text(v) for v in array.to_pylist()]
+    return pc.cast(array, pa.string()).to_pylist()  # type: ignore[no-any-return]
+
+
 def _arrow_batch(service: TokenService, batch: pa.RecordBatch, columns: SourceColumns,
                  first_row: int, stats: FileStats) -> pa.RecordBatch:
     sensitive = columns.sensitive
@@ -157,10 +173,9 @@ def _arrow_batch(service: TokenService, batch: pa.RecordBatch, columns: SourceCo
         if kind is None:
             arrays.append(array)
             continue
-        texts = array if pa.types.is_string(array.type) else pc.cast(array, pa.string())
-        tokens = _tokenize(service, kind, name, texts.to_pylist(), first_row)
+        tokens = _tokenize(service, kind, name, _as_texts(array), first_row)
         assert stats.tokenized is not None
-        stats.tokenized[name] = stats.tokenized.get(name, 0) + len(tokens) - texts.null_count
+        stats.tokenized[name] = stats.tokenized.get(name, 0) + len(tokens) - array.null_count
         arrays.append(pa.array(tokens, type=pa.string()))
     return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
 
