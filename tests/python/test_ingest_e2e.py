@@ -4,6 +4,7 @@ dbt model gets the same token; and `make demo-ingest`'s replay runs against a bu
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -97,12 +98,18 @@ def test_stream_handler_and_dbt_give_one_token_per_value(built: DbtProject) -> N
     assert_same_tokens(sink.records, mart(built))
 
 
-def test_demo_ingest_replay(built: DbtProject) -> None:
-    """The replay `make demo-ingest` runs after dbt: joins, the updated token, the refusal."""
-    built.deid("grant", "pii_reader")
-    built.deid("grant", "--tokenize", "ingest-demo")  # as scripts/demo_ingest.sh does
+def test_demo_ingest_replay(built: DbtProject, tmp_path: Path) -> None:
+    """The replay `make demo-ingest` runs after dbt: joins, the updated token, the refusal.
+    On a copy of the built project: its erasure must not change the other tests' vault."""
+    shutil.copytree(built.path, tmp_path / "demo")
+    demo = DbtProject(tmp_path / "demo", {
+        **built.env, "DBT_PROFILES_DIR": str(tmp_path / "demo"),
+        "DEID_WAREHOUSE": str(tmp_path / "demo" / "warehouse.duckdb"),
+        "DEID_VAULT": f"sqlite:///{(tmp_path / 'demo' / '.deid' / 'vault.db').resolve()}"})
+    demo.deid("grant", "pii_reader")
+    demo.deid("grant", "--tokenize", "ingest-demo")  # as scripts/demo_ingest.sh does
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_ingest.py"),
-                           str(built.path)], env=built.env, capture_output=True, text=True,
+                           str(demo.path)], env=demo.env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -112,7 +119,7 @@ def test_demo_ingest_replay(built: DbtProject) -> None:
     # `deid erased` finds customer 3's row in the mart: every tokenized column, erased.
     found = out.split("5/5")[1]
     assert found.count("│ true ") == 6 and "false" not in found
-    con = duckdb.connect(str(built.path / "warehouse.duckdb"), read_only=True)
+    con = duckdb.connect(str(demo.path / "warehouse.duckdb"), read_only=True)
     try:
         landed = con.sql("select * from ingest.customer_changes").fetchall()
         ops = [r[0] for r in con.sql("select _op from ingest.customer_changes "

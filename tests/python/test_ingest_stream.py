@@ -406,6 +406,7 @@ def test_firehose_sink_delivers_every_record() -> None:
     assert sorted(r["n"] for r in got) == list(range(1203))
 
 
+@pytest.mark.slow
 @mock_aws
 def test_on_aws_shape_dynamodb_kms_vault_to_s3_with_erasure(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -172,6 +172,7 @@ def _readme_block(start: str) -> str:
     return block
 
 
+@pytest.mark.slow
 def test_readme_column_map_and_command(tmp_path: Path, vault_path: Path,
                                        service: VaultTokenService) -> None:
     """The README's YAML map and tokenize-file command, as a user copies them."""

@@ -156,12 +156,12 @@ def _timestamp_text(v: Any) -> str:
 def _as_texts(array: pa.Array) -> list[str | None]:
     """A column as text, spelled as DuckDB's ``cast(x as varchar)`` spells it."""
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        return array.to_pylist()  # type: ignore[no-any-return]
+        return array.to_pylist()
     if pa.types.is_timestamp(array.type) and array.type.tz is None:
         # pyarrow's cast always writes six fractional digits; the warehouse writes only the
         # significant ones ('…:27', '…:27.12').
         return [None if v is None else _timestamp_text(v) for v in array.to_pylist()]
-    return pc.cast(array, pa.string()).to_pylist()  # type: ignore[no-any-return]
+    return pc.cast(array, pa.string()).to_pylist()
 
 
 def _arrow_batch(service: TokenService, batch: pa.RecordBatch, columns: SourceColumns,
@@ -288,7 +288,7 @@ class _Writer:
             self._schema = schema
             self._arrow = (pcsv.CSVWriter(str(self.path), schema) if self.fmt == "csv"
                            else pq.ParquetWriter(str(self.path), schema))
-        elif batch.schema != self._schema:
+        elif self._schema is not None and batch.schema != self._schema:
             # JSON Lines infer types per batch (a column all NULL in one batch has no type):
             # one file has one schema, so later batches take the first one's.
             try:

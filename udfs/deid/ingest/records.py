@@ -79,8 +79,8 @@ def tokenize_rows(service: TokenService, columns: SourceColumns,
     for column, kind in sensitive.items():
         texts: list[str | None] = []
         for i, row in enumerate(rows):
-            name = by_lower[i].get(column)
-            value = None if name is None else row[name]
+            key = by_lower[i].get(column)
+            value = None if key is None else row[key]
             try:
                 texts.append(as_text(value))
             except TypeError:
@@ -102,7 +102,7 @@ def tokenize_rows(service: TokenService, columns: SourceColumns,
                 out[i][by_lower[i][column]] = token
             break
         for i in range(len(rows)):  # a NULL stays NULL, under the row's own spelling
-            name = by_lower[i].get(column)
-            if name is not None and texts[i] is None and i not in errors:
-                out[i][name] = None
+            key = by_lower[i].get(column)
+            if key is not None and texts[i] is None and i not in errors:
+                out[i][key] = None
     return out, sorted(errors.values(), key=lambda e: e.index)
