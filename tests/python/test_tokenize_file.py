@@ -20,13 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
-from dbt_project_copy import ROOT
 from deid.cli import main
 from deid.errors import DeidError
 from deid.ingest import files
 from deid.ingest.columns import SourceColumns
 from deid.service import VaultTokenService
 
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = ["customer_id", "email", "ssn", "zip", "city"]
 ROWS = [
     ["1", "ada@example.com", "913-16-5146", "02139", "Boston"],
