@@ -37,10 +37,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError, DeidError, InvalidValueError
-from ..service import TokenService
+from ..service import Eraser, TokenService
 from ..vault import VaultConfig, open_service
 from . import columns as _columns
 from .records import RECORD, RowError, as_text, tokenize_rows
@@ -243,6 +243,12 @@ class ChangeStreamHandler:
         self.columns = columns
         self.sink = sink
         self.erase_on_remove = tuple(erase_on_remove)
+        self.eraser: Eraser | None = None
+        if self.erase_on_remove:
+            if not callable(getattr(service, "forget", None)):
+                raise ConfigError("deid ingest: DEID_ERASE_ON_REMOVE is set but this vault "
+                                  "cannot erase")
+            self.eraser = cast(Eraser, service)
         # Who the vault's tokenize policy checks (deny by default: `deid grant --tokenize`)
         # and its audit names, for minting and for erasing.
         self.principal = principal
@@ -359,7 +365,8 @@ class ChangeStreamHandler:
                 text = as_text(lowered.get(column))
                 if text is None:
                     continue
-                erased += self.service.forget(kind, values=[text], principal=self.principal)
+                assert self.eraser is not None  # set whenever erase_on_remove is
+                erased += self.eraser.forget(kind, values=[text], principal=self.principal)
             except (TypeError, InvalidValueError) as exc:
                 # tokenize refuses such a value, so the vault cannot hold it: nothing to erase
                 # (and a record that can never succeed must not hold up the stream).
