@@ -37,9 +37,8 @@
         {%- elif name in upstream or (meta or {}).get('pii') -%}
             {%- do problems.append("column '" ~ name ~ "' carries declared PII (" ~ (upstream.get(name, {}).get('kind') or (meta or {}).get('pii')) ~ ") but is neither tokenized nor generalized; use deid.tokenize or a generalizer and declare it in meta") -%}
         {%- endif -%}
-        {%- if col.is_string() -%}
-            {%- do scanned.append(col) -%}
-        {%- endif -%}
+        {#- every type: numbers, dates, structs, lists and JSON are scanned as text -#}
+        {%- do scanned.append(col) -%}
     {%- endfor -%}
     {%- if problems -%}
         {{ exceptions.raise_compiler_error("deid.pii_guard: model " ~ model.name ~ " would expose PII:\n  - " ~ problems | join("\n  - ")) }}

@@ -1,4 +1,6 @@
-{# Columns declared `meta: {pii: <kind>}` on any source or model upstream of `node`, by name. #}
+{# Columns declared `meta: {pii: <kind>}` on any source or model upstream of `node`, by name.
+   Each entry keeps the first declaration's kind and, under `declarations`, every declaration
+   of that name (two sources may both declare `email`: the value scan needs both). #}
 {% macro upstream_pii(node) -%}
     {%- set found = {} -%}
     {%- set seen = {} -%}
@@ -11,13 +13,21 @@
         {%- do seen.update({uid: true}) -%}
         {%- set parent = graph.sources.get(uid) or graph.nodes.get(uid) -%}
         {%- if parent -%}
+            {%- set materialized = parent.resource_type == 'source'
+                or (parent.config.materialized | default('')) not in ['ephemeral', ''] -%}
             {%- for name, col in parent.columns.items() -%}
                 {%- set kind = deid.column_meta(col).get('pii') -%}
-                {%- if kind and (name | lower) not in found -%}
-                    {%- do found.update({name | lower: {
+                {%- if kind -%}
+                    {%- set declaration = {
                         'kind': kind,
-                        'relation': parent.relation_name if parent.resource_type == 'source' else none,
-                        'column': name}}) -%}
+                        'relation': parent.relation_name if materialized else none,
+                        'column': name} -%}
+                    {%- if (name | lower) not in found -%}
+                        {%- do found.update({name | lower: {
+                            'kind': kind, 'relation': declaration.relation, 'column': name,
+                            'declarations': []}}) -%}
+                    {%- endif -%}
+                    {%- do found[name | lower].declarations.append(declaration) -%}
                 {%- endif -%}
             {%- endfor -%}
             {%- if parent.depends_on is defined and parent.depends_on.nodes -%}

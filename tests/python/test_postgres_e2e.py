@@ -84,7 +84,7 @@ class DbtRun:
 
 
 def dbt(env, user: str, *args: str, check: bool = True,
-        extra_vars: dict | None = None) -> DbtRun:
+        extra_vars: dict | None = None, project: Path = ROOT) -> DbtRun:
     """Run dbt in-process (dbtRunner): a dbt start-up costs 3-10 s, and this module needs 7."""
     from dbt.cli.main import dbtRunner
 
@@ -101,7 +101,7 @@ def dbt(env, user: str, *args: str, check: bool = True,
     started = time.monotonic()
     try:
         res = dbtRunner(callbacks=[collect]).invoke([
-            *args, "--project-dir", str(ROOT), "--profiles-dir", str(work),
+            *args, "--project-dir", str(project), "--profiles-dir", str(work),
             "--target-path", str(work / "target"), "--log-path", str(work / "logs"),
             "--target", "postgres", "--vars", dbt_vars(**(extra_vars or {})), "--quiet"])
     finally:
@@ -441,3 +441,38 @@ def test_an_erased_customer_refuses_detokenize_and_a_rebuild_mints_a_new_token(b
                       f"where customer_id::text = '{raw_id}'")[0][0]
     assert new != old
     assert email == _kinds.normalize(_kinds.parse_kind("email").kind, raw_email)[0]
+
+
+# PostgreSQL spellings of leak shapes (yml declares them tokenized: only the value scan sees)
+PG_LEAKS = {
+    "leak_name_angle_email": "full_name || ' <' || email || '>'",
+    "leak_jsonb": "jsonb_build_object('e', email, 's', ssn)",
+    "leak_array": "array[upper(full_name)]",
+    "leak_row": "row(phone, 1)::text",
+    "leak_dob": "date_of_birth",
+    "leak_ssn_integer": "replace(ssn, '-', '')::bigint",
+}
+
+
+def test_value_scan_fails_leaks_on_postgres(built, tmp_path):
+    from dbt_project_copy import copy_project
+    from test_dbt_duckdb_e2e import raw_values
+
+    project = copy_project(tmp_path / "leaks").path
+    folder = project / "models" / "marts" / "scan"
+    folder.mkdir()
+    lie = "config: {meta: {deid: {tokenized: string}}}"
+    yml = ["version: 2", "models:"]
+    for name, expr in {**PG_LEAKS, "ok_tokens": "deid.tokenize(email, 'email')"}.items():
+        (folder / f"{name}.sql").write_text(
+            f"select {expr} as contact from {{{{ source('pharmacy', 'customers') }}}}\n")
+        yml += [f"  - name: {name}", "    columns:", f"      - {{name: contact, {lie}}}"]
+    (folder / "_scan__models.yml").write_text("\n".join(yml) + "\n")
+    run = dbt(built, "transformer", "run", "--select", "path:models/marts/scan", check=False,
+              project=project)
+    assert not run.ok
+    for name in PG_LEAKS:
+        assert f"model {name} exposes raw PII values: contact holds" in run.output, name
+    assert "ok_tokens" not in run.output
+    assert query(built, "transformer", "select count(*) from analytics.ok_tokens") == [(2000,)]
+    assert not [v for v in raw_values() if len(v) >= 6 and v in run.output]
