@@ -91,6 +91,22 @@ def test_deid_check_passes_the_example_project(built: DbtProject) -> None:
     assert "no declared PII leaves the restricted zone untreated" in check.stdout
 
 
+def test_warehouse_file_holds_no_raw_seed_value_byte_for_byte(built: DbtProject) -> None:
+    """Analysts get the warehouse file: raw landing data lives in its own attached file."""
+    raw = {v for v in raw_values() if len(v) >= 6}
+    warehouse = (built.path / "warehouse.duckdb").read_bytes()
+    found = [v for v in raw if v.encode() in warehouse]
+    assert len(found) == 0, f"warehouse.duckdb holds {len(found)} of {len(raw)} raw seed values"
+    # the raw file does hold them: the search would find them
+    assert sum(v.encode() in (built.path / "raw.duckdb").read_bytes() for v in raw) > len(raw) // 2
+
+
+def test_database_files_are_readable_by_their_owner_only(built: DbtProject) -> None:
+    for name in ("warehouse.duckdb", "raw.duckdb"):
+        mode = (built.path / name).stat().st_mode & 0o777
+        assert mode == 0o600, f"{name} is {oct(mode)}"
+
+
 def test_tokens_join_facts_to_customers(built: DbtProject) -> None:
     orphans = query(built, """select count(*) from main.fct_orders o
                               left join main.dim_customers c using (customer_key)
