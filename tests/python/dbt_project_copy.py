@@ -54,6 +54,7 @@ def copy_project(dest: Path, profiles: str | None = None, **env: str) -> DbtProj
         "DBT_PROFILES_DIR": str(dest),
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
         "DEID_WAREHOUSE": str(dest / "warehouse.duckdb"),
+        "DEID_RAW": str(dest / "raw.duckdb"),
         # dest is absolute, so this is sqlite:////abs/path
         "DEID_VAULT": f"sqlite:///{dest.resolve() / '.deid' / 'vault.db'}",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -71,6 +71,7 @@ LEADS = "lead_id,email\n" + "".join(f"{i},lead.{i}@example.org\n" for i in range
 CRM_SOURCE = """version: 2
 sources:
   - name: web
+    database: raw
     schema: raw
     tables:
       - name: leads

@@ -136,10 +136,23 @@ def _create(conn: duckdb.DuckDBPyConnection, name: str, fn: Any, params: list[An
                          null_handling=func.SPECIAL, side_effects=side_effects)
 
 
+def restrict_new_files() -> None:
+    """Files this process creates from now on are readable by their owner only.
+
+    dbt-duckdb initializes plugins before it opens the warehouse: the warehouse and the raw
+    database files, their write-ahead logs, and dbt's logs/ and target/ (which can quote a
+    value in an engine's error message) are created 0600 (directories 0700). DuckDB rewrites
+    an existing file in place, so a mode set on it later (0640 for an analysts' group) stays.
+    """
+    current = os.umask(0o077)
+    os.umask(current | 0o077)
+
+
 class Plugin(BasePlugin):
     """dbt-duckdb calls `initialize` once with the plugin config, then `configure_connection`."""
 
     def initialize(self, plugin_config: dict[str, Any]) -> None:
+        restrict_new_files()
         self.config = VaultConfig.from_env(plugin_config)
         self.principal = str(plugin_config.get("principal") or os.environ.get("DEID_PRINCIPAL")
                              or getpass.getuser())
