@@ -4,6 +4,7 @@ rebuilds keep tokens, the guard and a missing key fail closed with the previous 
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,43 @@ def test_deid_check_passes_the_example_project(built: DbtProject) -> None:
     assert "no declared PII leaves the restricted zone untreated" in check.stdout
 
 
+def scan_artifacts(project: DbtProject, *paths: str) -> subprocess.CompletedProcess[str]:
+    deid = Path(sys.executable).with_name("deid")
+    return subprocess.run([str(deid), "scan-artifacts", "--raw-db", "raw.duckdb", *paths],
+                          cwd=project.path, env=project.env, text=True, capture_output=True,
+                          timeout=300)
+
+
+def test_scan_artifacts_finds_nothing_after_a_clean_build(built: DbtProject) -> None:
+    out = scan_artifacts(built, "logs", "target")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "no sensitive values found" in out.stdout
+
+
+def test_engine_error_quotes_a_value_and_scan_artifacts_reports_it(built: DbtProject) -> None:
+    """A typo makes DuckDB quote a raw SSN in its error: deid cannot stop the engine saying
+    it, so `deid scan-artifacts` reports where it landed, without the value."""
+    model = built.path / "models" / "marts" / "typo_cast.sql"
+    model.write_text("select cast(ssn as integer) as ssn_number "
+                     "from {{ ref('stg_pharmacy__customers') }}")
+    try:
+        run = built.dbt("run", "--select", "typo_cast", "--log-path", "logs_typo",
+                        "--target-path", "target_typo", check=False)
+    finally:
+        model.unlink()
+    assert run.returncode != 0
+    ssns = {v for v in raw_values() if re.fullmatch(r"[0-9]{3}-[0-9]{2}-[0-9]{4}", v)}
+    quoted = [p for p in (built.path / "logs_typo" / "dbt.log",
+                          built.path / "target_typo" / "run_results.json")
+              if any(v in p.read_text() for v in ssns)]
+    assert len(quoted) == 2 and any(v in run.stdout for v in ssns)  # the engine's message
+    out = scan_artifacts(built, "logs_typo", "target_typo")
+    assert out.returncode == 1
+    assert re.search(r"logs_typo/dbt.log: 1 value of raw_customers.ssn", out.stdout)
+    assert re.search(r"target_typo/run_results.json: .*value of raw_customers.ssn", out.stdout)
+    assert not [v for v in raw_values() if v in out.stdout + out.stderr]
+
+
 def test_warehouse_file_holds_no_raw_seed_value_byte_for_byte(built: DbtProject) -> None:
     """Analysts get the warehouse file: raw landing data lives in its own attached file."""
     raw = {v for v in raw_values() if len(v) >= 6}
@@ -141,10 +179,12 @@ def test_rebuild_keeps_every_token(built: DbtProject) -> None:
 
 
 def test_incremental_orders_reuse_customer_tokens(built: DbtProject) -> None:
-    con = duckdb.connect(str(built.path / "warehouse.duckdb"))
-    con.execute("""insert into raw.raw_orders select 999999, 17, 1,
-                   timestamp '2030-01-01 10:00:00', 'online', 'completed', 12.34""")
-    con.close()
+    con = duckdb.connect(str(built.path / "raw.duckdb"))  # the landing data's own file
+    try:
+        con.execute("""insert into raw.raw.raw_orders select 999999, 17, 1,
+                       timestamp '2030-01-01 10:00:00', 'online', 'completed', 12.34""")
+    finally:
+        con.close()
     built.dbt("run", "--select", "fct_orders")
     rows = query(built, """select o.customer_key = c.customer_key
                            from main.fct_orders o, main.fct_orders c

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import click
 
-from . import _audit
+from . import _audit, artifact_scan
 from ._policy import ALL_DOMAINS
 from .errors import ConfigError, DeidError
 from .ingest import FILE_FORMATS
@@ -495,6 +495,40 @@ def check(project_dir: Path, target_path: Path, manifest: Path | None) -> None:
         raise click.ClickException(
             f"{len(findings)} finding(s): declared PII would leave the restricted zone")
     click.echo("deid check: no declared PII leaves the restricted zone untreated")
+
+
+@main.command("scan-artifacts")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--raw-db", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="DuckDB raw database file: also search for each declared raw value.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("target/manifest.json"), show_default=True,
+              help="Where the declared PII columns are read from (with --raw-db).")
+@click.option("--shapes", "by_shape", is_flag=True,
+              help="Also report email-, SSN-, phone- and card-shaped strings (any engine; "
+                   "unit-test fixture rows are reported too).")
+def scan_artifacts(paths: tuple[Path, ...], raw_db: Path | None, manifest: Path,
+                   by_shape: bool) -> None:
+    """Report files under PATHS (default: logs target) holding sensitive values; exit 1 if any.
+
+    Prints file names, kinds or raw columns and counts: never a value.
+    """
+    if not raw_db and not by_shape:
+        raise click.UsageError("give --raw-db (DuckDB's raw file) and/or --shapes")
+    values = (artifact_scan.raw_values(raw_db, artifact_scan.declared_columns(manifest))
+              if raw_db else None)
+    report = artifact_scan.scan(paths or (Path("logs"), Path("target")), values,
+                                by_shape=by_shape)
+    for path, found in report.items():
+        counts = ", ".join(f"{n} {what}" for what, n in sorted(found.items()))
+        click.echo(f"{path}: {counts}")
+    if report:
+        raise click.ClickException(
+            f"{len(report)} file(s) hold sensitive values (an engine error message quoting a "
+            "value, or a dbt show result): restrict or delete them before sharing logs or "
+            "artifacts")
+    click.echo("no sensitive values found" + (f" ({len(values)} raw values searched)"
+                                                if values is not None else ""))
 
 
 def run() -> None:

@@ -1,0 +1,37 @@
+"""`deid scan-artifacts`' shape detector: raw-looking values are counted, deid's tokens never."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from deid import artifact_scan
+from deid.cli import main
+from deid.service import VaultTokenService
+
+RAW = {"email": "karen_johnson1@example.com", "ssn": "913-16-5146",
+       "phone": "(881) 555-0126", "card": "4111 1111 1111 1111"}
+
+
+def test_raw_shapes_are_counted_by_kind() -> None:
+    data = " | ".join(f"Could not convert string '{v}'" for v in RAW.values()).encode()
+    assert artifact_scan.shapes(data) == {"email": 1, "ssn": 1, "phone": 1, "card": 1}
+
+
+def test_tokens_of_every_kind_are_not_reported(service: VaultTokenService) -> None:
+    tokens = [t for kind in ("email", "ssn", "phone", "card")
+              for t in service.tokenize(kind, [RAW[kind], *(f"{RAW[kind][:-1]}{d}"
+                                                             for d in "0123456789")])]
+    assert len(tokens) == 44
+    assert artifact_scan.shapes(" ".join(tokens).encode()) == {}
+
+
+def test_cli_reports_files_and_counts_never_values(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "dbt.log").write_text(f"error: bad value '{RAW['ssn']}'\n")
+    (tmp_path / "clean.log").write_text("nothing here\n")
+    out = CliRunner().invoke(main, ["scan-artifacts", "--shapes", str(tmp_path)])
+    assert out.exit_code == 1
+    assert "dbt.log: 1 ssn" in out.output and "clean.log" not in out.output
+    assert RAW["ssn"] not in out.output
