@@ -72,4 +72,4 @@ demo-postgres: $(VENV)/.dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo_postgres.sh
 
 clean:
-	rm -rf target logs dbt_packages warehouse.duckdb .deid ingest_out
+	rm -rf target logs dbt_packages warehouse.duckdb raw.duckdb .deid ingest_out

@@ -1,0 +1,99 @@
+"""The PII guard's value scan on a 1,000,000-row mart: dim_customers built by dbt with the
+scan (the default) and with `deid_guard_scan: false`, each run a fresh `dbt run` process.
+
+    .venv/bin/python bench/bench_scan.py [--rows 1000000] [--repeat 3]
+
+Prints the model's execution time (dbt's run_results.json: the build and its post-hooks)
+with and without the scan, their ratio, and the scan's own time. The first, untimed run fills
+the vault, so every timed run reads tokens from it as a rebuild does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).resolve().parent / "out" / "scan"
+PARTS = ("dbt_project.yml", "models", "macros", "analyses", "tests/generic")
+
+
+def project(rows: int, distinct: float) -> tuple[Path, dict[str, str]]:
+    """A copy of the project whose raw file holds `rows` generated customers."""
+    from deid_synth import write_tables
+
+    csv_dir = OUT.parent / f"raw_{rows}_{distinct}"
+    if not (csv_dir / "customers.csv").exists():
+        write_tables(csv_dir, rows, seed=7, distinct_ratio=distinct, tables=["customers"])
+    shutil.rmtree(OUT, ignore_errors=True)
+    proj = OUT / "project"
+    for part in PARTS:
+        src, dst = ROOT / part, proj / part
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    (proj / "profiles.yml").write_text((ROOT / "profiles.yml.example").read_text())
+    con = duckdb.connect(str(proj / "raw.duckdb"))
+    con.execute("create schema raw")
+    con.execute(f"""create table raw.raw.raw_customers as select * replace (
+            cast(customer_id as integer) as customer_id,
+            cast(date_of_birth as date) as date_of_birth,
+            cast(created_at as timestamp) as created_at)
+        from read_csv('{csv_dir / "customers.csv"}', header = true, all_varchar = true)""")
+    con.close()
+    env = {**os.environ, "DBT_PROFILES_DIR": str(proj), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+           "DEID_WAREHOUSE": str(proj / "warehouse.duckdb"), "DEID_RAW": str(proj / "raw.duckdb"),
+           "DEID_VAULT": f"sqlite:///{proj / '.deid' / 'vault.db'}"}
+    env.pop("DEID_KEYS", None)
+    return proj, env
+
+
+def build(proj: Path, env: dict[str, str], scan: bool) -> float:
+    dbt = Path(sys.executable).with_name("dbt")
+    args = [str(dbt), "run", "--select", "dim_customers",
+            "--vars", json.dumps({"deid_guard_scan": scan, "deid_as_of": "2026-01-01"})]
+    proc = subprocess.run(args, cwd=proj, env=env, text=True, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"dbt run failed:\n{proc.stdout[-3000:]}")
+    results = json.loads((proj / "target" / "run_results.json").read_text())["results"]
+    return next(r["execution_time"] for r in results if r["unique_id"].endswith("dim_customers"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--distinct", type=float, default=0.1)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    proj, env = project(a.rows, a.distinct)
+    print(f"raw data ready in {time.perf_counter() - t0:.0f} s; filling the vault...",
+          file=sys.stderr)
+    build(proj, env, scan=False)
+    off, on = [], []
+    for _ in range(a.repeat):  # interleaved: both see the same machine load
+        off.append(build(proj, env, scan=False))
+        on.append(build(proj, env, scan=True))
+    t_off, t_on = statistics.median(off), statistics.median(on)
+    print(f"\ndim_customers, {a.rows:,} rows ({a.distinct:.0%} distinct), "
+          f"{os.cpu_count()} cores, median of {a.repeat}:")
+    print(f"  without the value scan  {t_off:7.2f} s  1.00x   (runs: "
+          f"{', '.join(f'{t:.2f}' for t in off)})")
+    print(f"  with the value scan     {t_on:7.2f} s  {t_on / t_off:.2f}x   (runs: "
+          f"{', '.join(f'{t:.2f}' for t in on)})")
+    print(f"  the scan itself         {t_on - t_off:7.2f} s")
+
+
+if __name__ == "__main__":
+    main()
