@@ -3,6 +3,8 @@
 # with a granted principal, and watch the default principal get refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Everything this run creates (logs/ can quote a value in an engine's error) is owner-only.
+umask 077
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # dbt writes `dbt show` results into logs/dbt.log: re-identified values must not land there.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -99,8 +100,17 @@ def scan_artifacts(project: DbtProject, *paths: str) -> subprocess.CompletedProc
                           timeout=300)
 
 
+def readme_command(prefix: str) -> list[str]:
+    """A command line a user copies from README.md (its trailing comment dropped)."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith(prefix))
+    return shlex.split(line.split("#")[0])
+
+
 def test_scan_artifacts_finds_nothing_after_a_clean_build(built: DbtProject) -> None:
-    out = scan_artifacts(built, "logs", "target")
+    command = readme_command("deid scan-artifacts --raw-db")
+    assert command[:4] == ["deid", "scan-artifacts", "--raw-db", "raw.duckdb"]
+    out = scan_artifacts(built, *command[4:])
     assert out.returncode == 0, out.stdout + out.stderr
     assert "no sensitive values found" in out.stdout
 

@@ -140,9 +140,11 @@ def restrict_new_files() -> None:
     """Files this process creates from now on are readable by their owner only.
 
     dbt-duckdb initializes plugins before it opens the warehouse: the warehouse and the raw
-    database files, their write-ahead logs, and dbt's logs/ and target/ (which can quote a
-    value in an engine's error message) are created 0600 (directories 0700). DuckDB rewrites
-    an existing file in place, so a mode set on it later (0640 for an analysts' group) stays.
+    database files and their write-ahead logs are created 0600, and so is what dbt writes
+    later (compiled SQL, run_results.json, which can quote a value in an engine's error
+    message). dbt opens logs/dbt.log and writes target/manifest.json before any plugin loads:
+    those follow the umask of the shell that runs dbt. DuckDB rewrites an existing file in
+    place, so a mode set on it later (0640 for an analysts' group) stays.
     """
     current = os.umask(0o077)
     os.umask(current | 0o077)
