@@ -126,10 +126,12 @@
 
 {# Text compared casefolded, trimmed, inner whitespace collapsed. #}
 {% macro _scan_text(expr) -%}
-    lower(trim(regexp_replace({{ expr }}, '[[:space:]]+', ' ', 'g')))
+    lower(trim({{ deid.regex_replace_all(expr, '[[:space:]]+', ' ') }}))
 {%- endmacro %}
 
 {# Digits only; a North American number with its leading country code 1 loses it. #}
 {% macro _scan_digits(expr) -%}
-    regexp_replace(regexp_replace({{ expr }}, '[^0-9]', '', 'g'), '^1([0-9]{10})$', '\1')
+    {%- set digits = deid.regex_replace_all(expr, '[^0-9]', '') -%}
+    case when length({{ digits }}) = 11 and {{ digits }} like '1%'
+        then substr({{ digits }}, 2) else {{ digits }} end
 {%- endmacro %}

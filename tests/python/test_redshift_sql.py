@@ -183,6 +183,19 @@ def test_card_last4_uses_redshift_regexp_replace(compiled: dict[str, str]) -> No
     assert ", 'g')" not in sql  # Redshift's fourth argument is a position
 
 
+def test_pii_guard_value_scan_parses_as_redshift(project: Path) -> None:
+    """The guard's runtime scan, rendered for dim_customers, is Redshift SQL: no 'g' flag
+    (a position there), no set-returning regex functions (Redshift has none)."""
+    sql = inline(project, (
+        "{{ deid.pii_value_scan_sql([api.Column('email_token', 'varchar'), "
+        "api.Column('customer_since_year', 'integer')], "
+        "deid.upstream_pii(graph.nodes['model.deid.dim_customers']), ref('dim_customers')) }}"),
+        vars=SECOND_PASS)
+    assert "raw_customers" in sql and "regexp_substr(" in sql
+    assert ", 'g')" not in sql and "unnest(" not in sql and "regexp_split_to_table" not in sql
+    assert not parse_errors(sql), parse_errors(sql)
+
+
 def test_no_clear_value_or_secret_in_compiled_sql(project: Path, compiled: dict[str, str]) -> None:
     seeds = (ROOT / "seeds" / "raw" / "raw_customers.csv").read_text().splitlines()
     header = seeds[0].split(",")
