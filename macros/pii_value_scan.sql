@@ -30,6 +30,9 @@
         (a 9-digit id, an order date equal to someone's birthday), so those count as a leak
         when at least this share of the column's distinct numbers or dates are raw values. -#}
     {%- set share = var('deid_guard_scan_share', 0.5) -%}
+    {%- if share is not number or share < 0 or share > 1 -%}
+        {{ exceptions.raise_compiler_error("deid.pii_guard: var deid_guard_scan_share must be a number from 0 to 1") }}
+    {%- endif -%}
     {%- set string = dbt.type_string() -%}
     {%- set raw = [] -%}
     {%- for name, pii in upstream.items() -%}
@@ -43,7 +46,10 @@
             {%- elif grp == 'digits' -%}
                 {%- set v = deid._scan_digits('cast(' ~ value ~ ' as ' ~ string ~ ')') -%}
             {%- else -%}
-                {%- set v = "case when " ~ deid.regex_matches('cast(' ~ value ~ ' as ' ~ string ~ ')', '^[0-9]{4}-[0-9]{2}-[0-9]{2}') ~ " then substr(cast(" ~ value ~ " as " ~ string ~ "), 1, 10) end" -%}
+                {#- dates and timestamps cast to ISO text; text that is no ISO date is skipped -#}
+                {%- set text = 'cast(' ~ value ~ ' as ' ~ string ~ ')' -%}
+                {%- set v = "case when " ~ deid.regex_matches(text, '^[0-9]{4}-[0-9]{2}-[0-9]{2}')
+                            ~ " then substr(" ~ text ~ ", 1, 10) end" -%}
             {%- endif -%}
             {%- do raw.append("select distinct '" ~ grp ~ "' as grp, " ~ v ~ " as v, '"
                 ~ label | replace("'", "''") ~ "' as raw_column from " ~ d.relation ~ " as r"
