@@ -51,9 +51,11 @@
                 {%- set v = "case when " ~ deid.regex_matches(text, '^[0-9]{4}-[0-9]{2}-[0-9]{2}')
                             ~ " then substr(" ~ text ~ ", 1, 10) end" -%}
             {%- endif -%}
+            {#- distinct first: normalizing costs more than deduplicating -#}
             {%- do raw.append("select distinct '" ~ grp ~ "' as grp, " ~ v ~ " as v, '"
-                ~ label | replace("'", "''") ~ "' as raw_column from " ~ d.relation ~ " as r"
-                ~ " where " ~ value ~ " is not null") -%}
+                ~ label | replace("'", "''") ~ "' as raw_column from (select distinct "
+                ~ adapter.quote(d.column) ~ " from " ~ d.relation ~ " where "
+                ~ adapter.quote(d.column) ~ " is not null) as r") -%}
         {%- endfor -%}
     {%- endfor -%}
     {%- if not raw -%}
@@ -65,6 +67,15 @@
             ~ adapter.quote(col.name) ~ " as " ~ string ~ ") as s from " ~ relation
             ~ " as m where m." ~ adapter.quote(col.name) ~ " is not null") -%}
     {%- endfor -%}
+    {#- A value that is exactly one of deid's tokens holds nothing else and is never a raw value
+        (email tokens are @deid.invalid, SSN tokens in never-issued areas, phone tokens +999):
+        skipping them keeps the scan cheap on tokenized marts. Card tokens are scanned anyway:
+        a raw card may start with 9 too (they differ by Luhn, which SQL does not check). -#}
+    {%- set token_kinds = ['email', 'phone', 'ssn', 'name', 'address', 'date', 'string'] -%}
+    {%- set tokens = [] -%}
+    {%- for kind in token_kinds -%}
+        {%- do tokens.append(deid.token_pattern(kind)) -%}
+    {%- endfor -%}
     {%- set email = '[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+' -%}
     {%- set delimiters = "[][<>{}\"'',;:|()=]" -%}
     {%- set formatted = {
@@ -75,7 +86,10 @@
         {{ raw | join('\n        union all\n        ') }}
     ),
     scanned as (
-        {{ texts | join('\n        union all\n        ') }}
+        select distinct c, s from (
+            {{ texts | join('\n            union all\n            ') }}
+        ) as mart_values
+        where not {{ deid.regex_matches('s', tokens | join('|')) }}
     ),
     candidates as (
         select distinct c, grp, v, exact from (

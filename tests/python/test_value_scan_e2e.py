@@ -36,6 +36,8 @@ LEAKS = {
     "leak_ssn_no_dashes": ("replace(ssn, '-', '') as contact", CUSTOMERS),
     "leak_ssn_integer": ("cast(replace(ssn, '-', '') as bigint) as contact", CUSTOMERS),
     "leak_ssn_in_text": ("'ssn=' || ssn as contact", CUSTOMERS),
+    "leak_token_then_email": ("{{ deid.tokenize('email', 'email') }} || ' ' || email as contact",
+                              CUSTOMERS),
     "leak_string_agg": ("string_agg(email, ',') as contact",
                         CUSTOMERS + " group by region"),
     "leak_card_digits": ("regexp_replace(card_number, '[^0-9]', '', 'g') as contact",
