@@ -54,6 +54,9 @@ def project(rows: int, distinct: float) -> tuple[Path, dict[str, str]]:
            "DEID_WAREHOUSE": str(proj / "warehouse.duckdb"), "DEID_RAW": str(raw_db),
            "DEID_VAULT": f"sqlite:///{vault}"}
     env.pop("DEID_KEYS", None)
+    # the vault denies tokenize by default: the dev target's principal builds the marts
+    subprocess.run([str(Path(sys.executable).with_name("deid")), "init", "--transformer",
+                    "dbt_transformer"], cwd=proj, env=env, check=True, capture_output=True)
     return proj, env
 
 

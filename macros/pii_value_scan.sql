@@ -21,10 +21,12 @@
 
 {# The scan's query: one row (mart column, raw column) per leak found; none when clean. #}
 {% macro pii_value_scan_sql(columns, upstream, relation) -%}
-    {#- Kinds whose values the scan compares, and the form they are compared in. The `string`
-        kind is left out: ids, codes and ZIPs recur by chance in unrelated columns. -#}
+    {#- Kinds whose values the scan compares, and the form they are compared in (a timestamp by
+        its date). The `string` and `number` kinds are left out: ids, codes, ZIPs and amounts
+        recur by chance in unrelated columns. -#}
     {%- set groups = {'email': 'text', 'name': 'text', 'address': 'text',
-                      'phone': 'digits', 'ssn': 'digits', 'card': 'digits', 'date': 'date'} -%}
+                      'phone': 'digits', 'ssn': 'digits', 'card': 'digits',
+                      'date': 'date', 'timestamp': 'date'} -%}
     {#- A match of a form that cannot recur by chance (an email, a name, a formatted SSN, 12+
         digits) is a leak at once; a match of a bare 9-11 digit number or a date may be chance
         (a 9-digit id, an order date equal to someone's birthday), so those count as a leak
@@ -71,7 +73,8 @@
         (email tokens are @deid.invalid, SSN tokens in never-issued areas, phone tokens +999):
         skipping them keeps the scan cheap on tokenized marts. Card tokens are scanned anyway:
         a raw card may start with 9 too (they differ by Luhn, which SQL does not check). -#}
-    {%- set token_kinds = ['email', 'phone', 'ssn', 'name', 'address', 'date', 'string'] -%}
+    {%- set token_kinds = ['email', 'phone', 'ssn', 'name', 'address', 'date', 'number',
+                           'timestamp', 'string'] -%}
     {%- set tokens = [] -%}
     {%- for kind in token_kinds -%}
         {%- do tokens.append(deid.token_pattern(kind)) -%}

@@ -106,6 +106,7 @@ def scanned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DbtProje
     for name, (select, source) in {**LEAKS, **LEGIT}.items():
         (folder / f"{name}.sql").write_text(f"select {select} from {source}\n")
     (folder / "_scan__models.yml").write_text(model_yml([*LEAKS, *LEGIT]))
+    project.deid("init", "--transformer", "dbt_transformer")
     project.dbt("seed")
     run = project.dbt("run", check=False)
     yield project, run.stdout + run.stderr
