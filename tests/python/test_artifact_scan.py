@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from deid import artifact_scan
 from deid.cli import main
 from deid.service import VaultTokenService
 
+ROOT = Path(__file__).resolve().parents[2]
 RAW = {"email": "karen_johnson1@example.com", "ssn": "913-16-5146",
        "phone": "(881) 555-0126", "card": "4111 1111 1111 1111"}
 
@@ -27,11 +30,18 @@ def test_tokens_of_every_kind_are_not_reported(service: VaultTokenService) -> No
     assert artifact_scan.shapes(" ".join(tokens).encode()) == {}
 
 
-def test_cli_reports_files_and_counts_never_values(tmp_path: Path) -> None:
+def test_cli_reports_files_and_counts_never_values(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "logs").mkdir()
+    (tmp_path / "target").mkdir()
     (tmp_path / "logs" / "dbt.log").write_text(f"error: bad value '{RAW['ssn']}'\n")
-    (tmp_path / "clean.log").write_text("nothing here\n")
-    out = CliRunner().invoke(main, ["scan-artifacts", "--shapes", str(tmp_path)])
+    (tmp_path / "target" / "clean.json").write_text("nothing here\n")
+    # the command as README.md gives it
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("deid scan-artifacts --shapes"))
+    args = shlex.split(line.split("#")[0])[1:]
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(main, args)
     assert out.exit_code == 1
-    assert "dbt.log: 1 ssn" in out.output and "clean.log" not in out.output
+    assert "logs/dbt.log: 1 ssn" in out.output and "clean.json" not in out.output
     assert RAW["ssn"] not in out.output
