@@ -38,7 +38,8 @@
     {%- set string = dbt.type_string() -%}
     {%- set raw = [] -%}
     {%- for name, pii in upstream.items() -%}
-        {%- for d in pii.get('declarations', [pii]) if d.relation and d.kind in groups -%}
+        {%- for d in pii.get('declarations', [pii]) if d.relation and d.kind in groups
+                and deid._pii_relation_exists(d) -%}
             {%- set value = 'r.' ~ adapter.quote(d.column) -%}
             {%- set label = (d.relation | replace('"', '') | replace('`', '')).split('.')[-1]
                             ~ '.' ~ d.column -%}
@@ -157,4 +158,14 @@
     {%- set digits = deid.regex_replace_all(expr, '[^0-9]', '') -%}
     case when length({{ digits }}) = 11 and {{ digits }} like '1%'
         then substr({{ digits }}, 2) else {{ digits }} end
+{%- endmacro %}
+
+{# A declaration's relation exists (a model declaring PII may not be built yet in this run, and
+   what was never built holds nothing to leak). Declarations without names are assumed to. #}
+{% macro _pii_relation_exists(declaration) -%}
+    {%- if not declaration.get('identifier') -%}
+        {{ return(true) }}
+    {%- endif -%}
+    {{ return(adapter.get_relation(database=declaration.database, schema=declaration.schema,
+                                   identifier=declaration.identifier) is not none) }}
 {%- endmacro %}

@@ -21,6 +21,9 @@
                     {%- set declaration = {
                         'kind': kind,
                         'relation': parent.relation_name if materialized else none,
+                        'database': parent.database, 'schema': parent.schema,
+                        'identifier': parent.identifier if parent.resource_type == 'source'
+                                      else parent.alias,
                         'column': name} -%}
                     {%- if (name | lower) not in found -%}
                         {%- do found.update({name | lower: {
