@@ -160,10 +160,12 @@
         then substr({{ digits }}, 2) else {{ digits }} end
 {%- endmacro %}
 
-{# A declaration's relation exists (a model declaring PII may not be built yet in this run, and
-   what was never built holds nothing to leak). Declarations without names are assumed to. #}
+{# Whether to scan against a declaration. A source is always scanned: the landing data must be
+   there, and if it is not (yet) the scan's query fails, and the relation with it (fail closed).
+   A model, seed or snapshot declaring PII may not be built yet in this run, and what was never
+   built holds nothing to leak. #}
 {% macro _pii_relation_exists(declaration) -%}
-    {%- if not declaration.get('identifier') -%}
+    {%- if declaration.get('resource_type', 'source') == 'source' or not declaration.get('identifier') -%}
         {{ return(true) }}
     {%- endif -%}
     {{ return(adapter.get_relation(database=declaration.database, schema=declaration.schema,

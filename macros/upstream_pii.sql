@@ -21,6 +21,7 @@
                     {%- set declaration = {
                         'kind': kind,
                         'relation': parent.relation_name if materialized else none,
+                        'resource_type': parent.resource_type,
                         'database': parent.database, 'schema': parent.schema,
                         'identifier': parent.identifier if parent.resource_type == 'source'
                                       else parent.alias,
