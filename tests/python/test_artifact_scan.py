@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -45,3 +46,14 @@ def test_cli_reports_files_and_counts_never_values(tmp_path: Path,
     assert out.exit_code == 1
     assert "logs/dbt.log: 1 ssn" in out.output and "clean.json" not in out.output
     assert RAW["ssn"] not in out.output
+
+
+def test_values_that_recur_by_chance_are_not_searched(tmp_path: Path) -> None:
+    """A run of SSN tokens in a database file holds date-shaped substrings: dates, timestamps
+    and numbers are left out of the value search."""
+    columns = {name: {"config": {"meta": {"pii": kind}}} for name, kind in
+               [("email", "email"), ("dob", "date"), ("seen", "timestamp"), ("n", "number")]}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"sources": {"s": {
+        "schema": "raw", "identifier": "people", "columns": columns}}}))
+    assert artifact_scan.declared_columns(manifest) == [("raw", "people", "email")]

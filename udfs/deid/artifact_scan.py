@@ -14,8 +14,8 @@ Two detectors:
   ``@deid.invalid``, SSN tokens use the never-issued areas 950-999 (group 00-49), card
   tokens fail Luhn, phone tokens start ``+999`` (a number after ``+`` is never a card).
 * values (DuckDB): every value of length 6 or more of every column declared
-  ``meta: {pii: <kind>}`` on a source in ``target/manifest.json``, read from the raw database
-  file, searched byte for byte.
+  ``meta: {pii: <kind>}`` on a source in ``target/manifest.json`` (dates, timestamps and
+  numbers excepted), read from the raw database file, searched byte for byte.
 """
 
 from __future__ import annotations
@@ -54,14 +54,20 @@ def shapes(data: bytes) -> Counter[str]:
     return +found
 
 
+# Dates, timestamps and numbers recur by chance: in any log, and inside a database file's
+# packed strings (a run of SSN tokens holds date-shaped substrings).
+_CHANCE_KINDS = {"date", "timestamp", "number"}
+
+
 def declared_columns(manifest: Path) -> list[tuple[str, str, str]]:
-    """(schema, table, column) of every source column declared `meta: {pii: …}`."""
+    """(schema, table, column) of every source column declared `meta: {pii: …}`, except
+    the kinds whose values recur by chance."""
     nodes = json.loads(manifest.read_text())["sources"].values()
     out = []
     for node in nodes:
         for name, col in node.get("columns", {}).items():
             meta = {**(col.get("meta") or {}), **((col.get("config") or {}).get("meta") or {})}
-            if meta.get("pii"):
+            if meta.get("pii") and meta["pii"] not in _CHANCE_KINDS:
                 out.append((node["schema"], node["identifier"], name))
     return out
 
