@@ -101,6 +101,13 @@ def phase_load(rows: int, distinct: float) -> dict[str, float]:
     return {"rows": rows}
 
 
+def init_vault(url: str) -> None:
+    """`deid init`: builds never create a vault."""
+    from deid.vault import open_store
+
+    open_store(url, create=True).close()
+
+
 def phase_build(rows: int, distinct: float, hashing: str, vault: str, cache_size: int,
                 repeat_in_process: int) -> dict[str, float]:
     import duckdb
@@ -310,7 +317,9 @@ def main() -> None:
 
     def vault_at(name: str) -> str:
         shutil.rmtree(OUT / name, ignore_errors=True)
-        return f"sqlite:///{OUT / name / 'vault.db'}"
+        url = f"sqlite:///{OUT / name / 'vault.db'}"
+        init_vault(url)  # deid init: builds never create a vault
+        return url
 
     # Every phase runs in its own process; the steps are listed first for the progress bar.
     results: dict[str, object] = {}

@@ -80,7 +80,7 @@ def measure(rows: int = 100_000, distinct_fraction: float = 0.10,
             wall, cpu, _ = timed(lambda: json.loads(request))  # type: ignore[arg-type,return-value]
             results["runtime: parse the request JSON"].append((wall, cpu))
             event = json.loads(request)
-            store = SQLiteStore(Path(tmp) / "vault.db")
+            store = SQLiteStore(Path(tmp) / "vault.db", create=True)
             store.grant_tokenize("dbt_transformer", "*", "tokenize", "bench")
             serves = HandlerConfig(databases=frozenset({"dev"}))
 

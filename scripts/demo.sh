@@ -10,7 +10,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # dbt writes `dbt show` results into logs/dbt.log: re-identified values must not land there.
 show() { dbt show --quiet --log-level-file none --output json --limit 50 "$@" | python scripts/show.py; }
 
-say "1/7  Land the raw data in its own file (seeds -> raw.duckdb: names, emails, SSNs, card numbers)"
+say "1/7  Create the vault (once; a build never creates one), land the raw data in its own file (seeds -> raw.duckdb: names, emails, SSNs, card numbers)"
 # The vault denies tokenize by default: the dev target's principal builds the marts.
 deid init --transformer dbt_transformer
 dbt seed --quiet

@@ -25,14 +25,14 @@ def vault_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def service(vault_path: Path) -> Iterator[VaultTokenService]:
-    svc = VaultTokenService(SQLiteStore(vault_path))
+    svc = VaultTokenService(SQLiteStore(vault_path, create=True))
     yield svc
     svc.store.close()
 
 
 def open_service_at(vault_path: Path, **kwargs: int) -> VaultTokenService:
     """An independent service over the vault at `vault_path` (as another process would have)."""
-    return VaultTokenService(SQLiteStore(vault_path), **kwargs)
+    return VaultTokenService(SQLiteStore(vault_path, create=True), **kwargs)
 
 
 @pytest.fixture

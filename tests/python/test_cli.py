@@ -21,6 +21,7 @@ Cli = Callable[..., Result]
 def cli(vault_path: Path) -> Cli:
     runner = CliRunner()
     url = f"sqlite:///{vault_path}"
+    assert runner.invoke(main, ["init", "--vault", url]).exit_code == 0
 
     def run(*args: str, ok: bool = True) -> Result:
         result = runner.invoke(main, [*args[:2], "--vault", url, *args[2:]]
@@ -85,7 +86,9 @@ def test_console_script_reports_errors_in_one_line(vault_path: Path,
     import sys
 
     from deid.keys import FileKeyring
+    from deid.stores.sqlite import SQLiteStore
 
+    SQLiteStore(vault_path, create=True).close()  # a vault exists, its keys come from DEID_KEYS
     env = {"DEID_KEYS": FileKeyring.generate().to_json(), "PATH": ""}
     proc = subprocess.run([str(Path(sys.executable).with_name("deid")), "keys", "rotate",
                            "--vault", f"sqlite:///{vault_path}"], env=env, text=True,
@@ -169,3 +172,91 @@ def test_audit_show_flags_lookups_that_mostly_miss(cli: Cli, vault_path: Path) -
 def test_synth_refuses_bad_arguments_with_a_usage_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path), "--customers", "0"])
     assert result.exit_code == 2 and "customers must be at least 1" in result.output
+
+
+PROFILE = """
+shop:
+  target: dev
+  outputs:
+    dev:
+      type: duckdb
+      path: shop.duckdb
+      plugins:
+        - module: deid.duckdb_plugin
+          config: {vault: "{{ env_var('SHOP_VAULT', 'sqlite:///.deid/vault.db') }}"}
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A dbt project whose profile gives the deid plugin a relative vault path."""
+    root = tmp_path / "shop"
+    (root / "models" / "marts").mkdir(parents=True)
+    (root / "dbt_project.yml").write_text("name: shop\nprofile: shop\nconfig-version: 2\n")
+    (root / "profiles.yml").write_text(PROFILE)
+    monkeypatch.setenv("DBT_PROFILES_DIR", str(root))
+    for name in ("DBT_PROJECT_DIR", "DBT_TARGET", "SHOP_VAULT"):
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
+def test_commands_on_a_missing_vault_exit_nonzero_and_create_nothing(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack: `deid principals` run where no vault is used to create an empty one and
+    exit 0, so a typo in the vault path looked like "nobody is granted"."""
+    monkeypatch.chdir(project / "models")
+    before = sorted(project.rglob("*"))
+    for args in (["principals"], ["grant", "pii_reader"], ["stats"], ["audit", "verify"],
+                 ["keys", "show"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0, args
+        assert f"no vault at {project / '.deid' / 'vault.db'}" in str(result.exception)
+    assert sorted(project.rglob("*")) == before
+
+
+def test_cli_finds_the_vault_the_dbt_profile_names_from_any_directory(
+        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project / "models" / "marts")
+    out = CliRunner().invoke(main, ["init"])
+    assert out.exit_code == 0, out.output
+    assert f"vault: sqlite:///{project / '.deid' / 'vault.db'}" in out.output
+    assert CliRunner().invoke(main, ["grant", "pii_reader"]).exit_code == 0
+    # from outside the project: --project-dir (or DBT_PROJECT_DIR) finds the same vault
+    monkeypatch.chdir(tmp_path)
+    listed = CliRunner().invoke(main, ["--project-dir", str(project), "principals"])
+    assert listed.output.startswith("pii_reader\t"), listed.output
+    # the profile's own setting is followed (here an env_var with another path)
+    monkeypatch.setenv("SHOP_VAULT", "sqlite:///vaults/shop.db")
+    moved = CliRunner().invoke(main, ["--project-dir", str(project), "principals"])
+    assert f"no vault at {project / 'vaults' / 'shop.db'}" in str(moved.exception)
+
+
+def test_a_relative_vault_outside_any_dbt_project_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DBT_PROJECT_DIR", raising=False)
+    result = CliRunner().invoke(main, ["init"])
+    assert result.exit_code != 0
+    assert "no dbt project directory" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_init_keeps_the_vault_and_its_keys_out_of_git(tmp_path: Path) -> None:
+    """The attack: `git add -A` in a project committed .deid/vault.db.keys."""
+    import shutil
+    import subprocess
+
+    git = shutil.which("git")
+    assert git, "git is needed to check what it would commit"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run([git, "init", "-q", str(repo)], check=True)
+    (repo / "model.sql").write_text("select 1")
+    # a vault in its own new directory, and one beside the project's own files
+    for url in (f"sqlite:///{repo / '.deid' / 'vault.db'}", f"sqlite:///{repo / 'v.db'}"):
+        assert CliRunner().invoke(main, ["init", "--vault", url]).exit_code == 0
+    assert (repo / ".deid" / "vault.db.keys").exists() and (repo / "v.db.keys").exists()
+    subprocess.run([git, "add", "-A"], cwd=repo, check=True)
+    staged = subprocess.run([git, "diff", "--cached", "--name-only"], cwd=repo, check=True,
+                            capture_output=True, text=True).stdout.split()
+    assert staged == [".gitignore", "model.sql"]

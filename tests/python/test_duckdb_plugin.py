@@ -11,6 +11,7 @@ import pytest
 from deid.duckdb_plugin import Plugin, register
 from deid.service import VaultTokenService
 from deid.stores.sqlite import SQLiteStore
+from deid.vault import open_store
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def test_each_cursor_sees_the_udfs(con: duckdb.DuckDBPyConnection) -> None:
 
 def test_plugin_reads_vault_and_principal_from_config(tmp_path: Path) -> None:
     url = "sqlite:////" + str(tmp_path / "pv" / "vault.db").lstrip("/")
-    SQLiteStore(tmp_path / "pv" / "vault.db").grant_tokenize("dbt_transformer", "*",
+    SQLiteStore(tmp_path / "pv" / "vault.db", create=True).grant_tokenize("dbt_transformer", "*",
                                                              "tokenize", "test")
     plugin = Plugin.__new__(Plugin)
     plugin.initialize({"vault": url, "principal": "dbt_transformer", "cache_size": 10})
@@ -187,3 +188,47 @@ def test_detokenize_audits_every_vector_and_syncs_each_querys_first_record(
     assert len(set(queries)) == 2
     assert modes == ["full" if queries.index(q) == i else "normal" for i, q in enumerate(queries)]
     assert db.execute("pragma synchronous").fetchall() == [(2,)]  # FULL again
+
+
+def _plugin(config: dict[str, object]) -> duckdb.DuckDBPyConnection:
+    plugin = Plugin.__new__(Plugin)
+    plugin.initialize(config)
+    c = duckdb.connect()
+    plugin.configure_connection(c)
+    return c
+
+
+def test_a_missing_vault_fails_the_query_with_its_path_and_creates_nothing(
+        tmp_path: Path) -> None:
+    """The attack: a vault URL that points at nothing used to start a second, empty vault (new
+    keys, new tokens) and exit 0."""
+    missing = tmp_path / "elsewhere" / ".deid" / "vault.db"
+    c = _plugin({"vault": f"sqlite:///{missing}", "principal": "builder"})
+    with pytest.raises(duckdb.Error) as exc:
+        c.sql("select deid.tokenize('a@example.com', 'email')").fetchall()
+    assert f"no vault at {missing}" in str(exc.value) and "deid init" in str(exc.value)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_relative_vault_path_is_relative_to_the_dbt_project(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project, other = tmp_path / "project", tmp_path / "other"
+    other.mkdir()
+    open_store(f"sqlite:///{project / '.deid' / 'vault.db'}", create=True).close()
+    monkeypatch.chdir(other)  # dbt started from another directory (--project-dir)
+    monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
+    c = _plugin({"vault": "sqlite:///.deid/vault.db", "principal": "builder"})
+    token = c.sql("select deid.tokenize('a@example.com', 'email')").fetchall()[0][0]
+    again = open_store(f"sqlite:///{project / '.deid' / 'vault.db'}")
+    assert VaultTokenService(again).tokenize("email", ["a@example.com"]) == [token]
+    assert list(other.iterdir()) == []
+
+
+def test_a_relative_vault_path_without_a_project_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DBT_PROJECT_DIR", raising=False)
+    c = _plugin({"vault": "sqlite:///.deid/vault.db", "principal": "builder"})
+    with pytest.raises(duckdb.Error, match="relative and no dbt project directory"):
+        c.sql("select deid.tokenize('a@example.com', 'email')").fetchall()
+    assert list(tmp_path.iterdir()) == []

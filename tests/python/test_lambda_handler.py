@@ -31,7 +31,7 @@ class CountingStore(SQLiteStore):
     calls: dict[str, int]
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path)
+        super().__init__(path, create=True)
         self.calls = {"find_tokens": 0, "insert_tokens": 0, "fetch_values": 0}
 
     def find_tokens(self, domain: str, fingerprints: Any) -> dict[bytes, str]:
@@ -252,8 +252,8 @@ def test_entry_points_build_the_service_once_from_env(tmp_path: Path,
     monkeypatch.delenv("DEID_KEYS", raising=False)
     monkeypatch.setenv("DEID_VAULT", f"sqlite:///{tmp_path}/env-vault.db")
     monkeypatch.setenv("DEID_DATABASES", "dev, analytics")
-    SQLiteStore(tmp_path / "env-vault.db").grant_tokenize("dbt_transformer", "*", "tokenize",
-                                                          "test")
+    SQLiteStore(tmp_path / "env-vault.db", create=True).grant_tokenize(
+        "dbt_transformer", "*", "tokenize", "test")
     lh.reset()
     try:
         first = ok(lh.tokenize_handler(payload("tokenize_request.json"), None))

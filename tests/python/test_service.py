@@ -330,7 +330,8 @@ def test_sqlite_url_parameters(tmp_path: Path) -> None:
     from deid.errors import ConfigError
     from deid.stores.sqlite import open_store
 
-    store = open_store(f"sqlite:///{tmp_path / 'p.db'}?synchronous=normal&cache_mib=8")
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}?synchronous=normal&cache_mib=8",
+                       create=True)
     db = store._db()
     assert db.execute("pragma synchronous").fetchall() == [(1,)]  # NORMAL
     assert db.execute("pragma cache_size").fetchall() == [(-8192,)]

@@ -510,6 +510,7 @@ def test_concurrent_callers_share_one_token_exchange_and_converge(make, fake):
 
 def test_policy_store_gates_and_audits_detokenize(make, tmp_path, fake):
     policy_db = tmp_path / "policy.db"
+    SQLiteStore(policy_db, create=True).close()  # `deid init --vault sqlite:///…policy.db`
     svc = make(policy=f"sqlite:///{policy_db}")
     tokens = svc.tokenize("email", EMAILS[:2])
     with pytest.raises(PermissionDeniedError, match="'intruder'"):
@@ -554,7 +555,7 @@ def test_redshift_lambda_handlers_work_over_skyflow(make, fake, tmp_path):
     from deid.lambda_handler import HandlerConfig, RedshiftUDF
 
     policy_db = tmp_path / "policy.db"
-    SQLiteStore(policy_db).grant("pii_reader", granted_by="admin")
+    SQLiteStore(policy_db, create=True).grant("pii_reader", granted_by="admin")
     SQLiteStore(policy_db).grant_tokenize("dbt_transformer", "*", "tokenize", "admin")
     udf = RedshiftUDF(make(policy=f"sqlite:///{policy_db}", ctx="user+query"),
                       HandlerConfig(databases=frozenset({"dev"})))

@@ -41,7 +41,7 @@ def env(tmp_path_factory):
     creds = fake.write_credentials(work / "credentials.json")
     (work / "mapping.json").write_text(json.dumps(MAPPING))
     policy_db = work / "policy" / "policy.db"
-    SQLiteStore(policy_db).grant("pii_reader", granted_by="test")
+    SQLiteStore(policy_db, create=True).grant("pii_reader", granted_by="test")
     SQLiteStore(policy_db).grant_tokenize("dbt_transformer", "*", "tokenize", "test")
     url = fake.vault_url(credentials=str(creds), mapping=str(work / "mapping.json"),
                          policy=f"sqlite:///{policy_db}", batch_size="100", concurrency="4",

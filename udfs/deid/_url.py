@@ -99,3 +99,24 @@ def sqlite_path(url: str) -> Path:
     if not path:
         raise ConfigError("deid vault: the SQLite URL names no file")
     return Path(path)
+
+
+def anchored(url: str, base: Path | None) -> str:
+    """The URL with a relative SQLite path made absolute against `base` (the dbt project
+    directory), so every host and the CLI open one vault whatever their working directory.
+
+    A relative path with no `base` is refused: resolving it against the working directory is
+    how a second, empty vault gets created beside the first.
+    """
+    if scheme_of(url) != "sqlite":
+        return url
+    path = sqlite_path(url)
+    if path.is_absolute():
+        return url
+    if base is None:
+        raise ConfigError(
+            f"deid vault: the SQLite path {path} is relative and no dbt project directory is "
+            "known to resolve it against; run from the dbt project (or pass --project-dir / "
+            "set DBT_PROJECT_DIR), or give an absolute path (sqlite:////abs/path/vault.db)")
+    query = urlsplit(url).query if "://" in url else ""
+    return f"sqlite:///{(Path(base) / path).resolve()}" + (f"?{query}" if query else "")

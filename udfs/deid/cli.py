@@ -1,8 +1,10 @@
 """``deid``: administer a deid vault (keys, tokenize and detokenize policies, audit log,
 erasure, stats).
 
-The vault is chosen by ``--vault`` or ``DEID_VAULT`` (default ``sqlite:///.deid/vault.db``).
-Nothing here prints a value, a token or key material.
+The vault is ``--vault`` or ``DEID_VAULT``, else the one the dbt project's profile gives the
+deid plugin, else ``sqlite:///.deid/vault.db``; a relative SQLite path is relative to the dbt
+project directory, as it is for dbt. Only ``deid init`` creates a vault: every other command
+refuses a missing one. Nothing here prints a value, a token or key material.
 """
 
 from __future__ import annotations
@@ -20,21 +22,33 @@ import click
 
 from . import _audit, artifact_scan
 from ._policy import ALL_DOMAINS
+from .dbt_profile import find_project_dir, profile_vault
 from .errors import ConfigError, DeidError
 from .ingest import FILE_FORMATS
 from .ingest import columns as _columns
 from .service import Eraser, VaultTokenService
 from .stores import Erasure, StoredValue
-from .vault import VaultConfig, open_service, open_store
+from .vault import DEFAULT_VAULT, VaultConfig, anchored, open_service, open_store
 
 _vault_option = click.option(
     "--vault", envvar="DEID_VAULT", default=None, show_envvar=True,
-    help="Vault URL (default sqlite:///.deid/vault.db).")
+    help="Vault URL (default: the vault the dbt project's profile gives the deid plugin, "
+         "else sqlite:///.deid/vault.db in the dbt project).")
 
 
-def _service(vault: str | None) -> VaultTokenService:
-    config = VaultConfig.from_env({"vault": vault} if vault else None)
-    return VaultTokenService(open_store(config.url, keys=config.keys), cache_size=0,
+def vault_url(vault: str | None) -> str:
+    """The vault this command works on (see the module docstring for the order)."""
+    opts = click.get_current_context().find_root().params
+    project = find_project_dir(opts.get("project_dir"))
+    url = vault or (project and profile_vault(project, profiles_dir=opts.get("profiles_dir"),
+                                              target=opts.get("target"))) or DEFAULT_VAULT
+    return anchored(url, project)
+
+
+def _service(vault: str | None, *, create: bool = False) -> VaultTokenService:
+    config = VaultConfig.from_env({"vault": vault_url(vault)})
+    return VaultTokenService(open_store(config.url, keys=config.keys, create=create),
+                             cache_size=0,
                              detokenize_cache_size=0)
 
 
@@ -44,7 +58,14 @@ def _admin() -> str:
 
 @click.group()
 @click.version_option(package_name="deid")
-def main() -> None:
+@click.option("--project-dir", envvar="DBT_PROJECT_DIR", show_envvar=True,
+              type=click.Path(file_okay=False),
+              help="The dbt project (default: the nearest directory upward with dbt_project.yml).")
+@click.option("--profiles-dir", envvar="DBT_PROFILES_DIR", show_envvar=True,
+              type=click.Path(file_okay=False), help="Where profiles.yml is, as for dbt.")
+@click.option("--target", envvar="DBT_TARGET", show_envvar=True,
+              help="The profile target whose deid plugin names the vault, as for dbt.")
+def main(project_dir: str | None, profiles_dir: str | None, target: str | None) -> None:
     """Administer a deid vault: keys, who may detokenize, the audit log."""
 
 
@@ -54,11 +75,15 @@ def main() -> None:
               help="Grant PRINCIPAL tokenize (mint) in every domain: the principal that builds "
                    "the marts (repeatable).")
 def init(vault: str | None, transformers: tuple[str, ...]) -> None:
-    """Create the vault and its keys (idempotent); tokenize is denied until granted."""
-    svc = _service(vault)
+    """Create the vault and its keys (the only command that creates a vault; idempotent);
+    tokenize is denied until granted."""
+    svc = _service(vault, create=True)
     click.echo(f"vault: {svc.store.url}")
     click.echo(f"keys:  {svc.keyring.source} (versions {svc.keyring.versions}, "
                f"current {svc.keyring.current})")
+    path = getattr(svc.store, "path", None)
+    if path is not None:
+        click.echo(f"git:   {path.parent / '.gitignore'} keeps the vault and its keys out of git")
     for principal in transformers:
         _grant(svc, principal, "tokenize", ALL_DOMAINS)
 
@@ -311,7 +336,7 @@ def forget(kind: str, values_from: TextIO | None, tokens: tuple[str, ...],
     if values_from is not None and (tokens or tokens_from is not None):
         raise click.UsageError("pass values (--values-from) or tokens (--token, "
                                "--tokens-from), not both")
-    config = VaultConfig.from_env({"vault": vault} if vault else None)
+    config = VaultConfig.from_env({"vault": vault_url(vault)})
     svc = _eraser(config.url)
     if values_from is not None:
         items = list(_lines(values_from))
@@ -359,7 +384,7 @@ def erased(since: str | None, fmt: str, out: TextIO, vault: str | None) -> None:
     """List erased tokens (token, kind, domain, erased_at) so downstream copies of mart rows
     can be found and cleaned; load it as a dbt seed for the deid.no_erased_tokens test.
     Tokens only: the values are gone."""
-    config = VaultConfig.from_env({"vault": vault} if vault else None)
+    config = VaultConfig.from_env({"vault": vault_url(vault)})
     svc = _eraser(config.url)
     rows: Iterator[Erasure] = svc.erasures(_since(since))
     if fmt == "csv":
@@ -434,9 +459,8 @@ def tokenize_file(src: Path, dst: Path, column_map: str | None, source: str | No
                                "--column NAME=KIND")
     if allow_undeclared:
         columns = _columns.SourceColumns(name, columns.columns, strict=False)
-    config = VaultConfig.from_env({"vault": vault, "cache_size": cache_size,
-                                   "detokenize_cache_size": 0} if vault else
-                                  {"cache_size": cache_size, "detokenize_cache_size": 0})
+    config = VaultConfig.from_env({"vault": vault_url(vault), "cache_size": cache_size,
+                                   "detokenize_cache_size": 0})
     service = open_service(config)
     total = _files.progress_total(src, in_format)
     with click.progressbar(length=total, label=f"tokenizing {src.name}", file=sys.stderr,

@@ -5,7 +5,7 @@ Profile (``profiles.yml``)::
     plugins:
       - module: deid.duckdb_plugin
         config:
-          vault: sqlite:///.deid/vault.db   # or env DEID_VAULT
+          vault: sqlite:///.deid/vault.db   # or env DEID_VAULT; relative to the dbt project
           principal: dbt_transformer        # who tokenize/detokenize run as (the vault's
                                             # policies check it)
           cache_size: 1000000               # tokenize cache entries (bounds memory)
@@ -17,16 +17,23 @@ profile, and the real protection is who can read the vault and its key file. The
 tokenize and detokenize policies are checked against that principal once per vector (and the
 tokenize rights cached for a few seconds), so the checks stop a misconfigured profile, not a
 person who can edit the profile or read the key file.
+
+A relative SQLite vault path is resolved against the dbt project directory (dbt's own
+``--project-dir`` / ``DBT_PROJECT_DIR`` / the directory holding dbt_project.yml), never the
+working directory; a missing vault fails the first query that needs it (``deid init``
+creates vaults, a build never does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import os
 import secrets
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -37,12 +44,16 @@ from duckdb.sqltypes import UBIGINT, VARCHAR
 
 from .errors import DeidError, InvalidKindError
 from .service import TokenService
-from .vault import VaultConfig, open_service
+from .vault import VaultConfig, anchored, open_service
 
 try:  # the plugin base class exists only where dbt-duckdb is installed
     from dbt.adapters.duckdb.plugins import BasePlugin
+    from dbt.flags import get_flags
 except ImportError:  # pragma: no cover - deid can register UDFs without dbt
     BasePlugin = object  # type: ignore[assignment,misc]
+
+    def get_flags() -> Any:
+        return None
 
 _CATALOG = "deid"
 
@@ -156,6 +167,7 @@ class Plugin(BasePlugin):
     def initialize(self, plugin_config: dict[str, Any]) -> None:
         restrict_new_files()
         self.config = VaultConfig.from_env(plugin_config)
+        self.project_dir = _dbt_project_dir()
         self.principal = str(plugin_config.get("principal") or os.environ.get("DEID_PRINCIPAL")
                              or getpass.getuser())
         self._service: TokenService | None = None
@@ -164,8 +176,17 @@ class Plugin(BasePlugin):
     def service(self) -> TokenService:
         with self._lock:
             if self._service is None:
-                self._service = open_service(self.config)
+                url = anchored(self.config.url, self.project_dir)
+                self._service = open_service(dataclasses.replace(self.config, url=url))
             return self._service
 
     def configure_connection(self, conn: duckdb.DuckDBPyConnection) -> None:
         register(conn, self.service, self.principal)
+
+
+def _dbt_project_dir() -> Path | None:
+    """The directory dbt runs the project from (its flags know it, whatever the working
+    directory), else DBT_PROJECT_DIR; None outside dbt."""
+    flags = get_flags()
+    found = getattr(flags, "PROJECT_DIR", None) or os.environ.get("DBT_PROJECT_DIR")
+    return Path(found).resolve() if found else None

@@ -78,3 +78,7 @@ class VaultKeyError(DeidError):
 class StaleKeyVersionError(VaultKeyError):
     """Values were encrypted under a key version older than the vault's current one: another
     process rotated the keys. The token service reloads its keys and encrypts again."""
+
+
+class VaultNotFoundError(VaultUnavailableError):
+    """No vault exists where the URL points; deid creates one only through `deid init`."""

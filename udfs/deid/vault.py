@@ -9,6 +9,7 @@
 =================================  ==========================================================
 
 Backends are imported lazily so the embedded default needs none of their dependencies.
+Opening never creates a vault: `deid init` does (``open_store(url, create=True)``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._url import scheme_of, sqlite_path
+from ._url import anchored, scheme_of, sqlite_path
 from .errors import ConfigError
 from .service import DEFAULT_CACHE_SIZE, TokenService, VaultTokenService
 from .stores import VaultStore
@@ -83,9 +84,13 @@ def _load(target: str) -> Any:
                           f"({exc.name} missing?); install deid with the matching extra") from None
 
 
-def open_store(url: str, *, keys: str | None = None) -> VaultStore:
+def open_store(url: str, *, keys: str | None = None, create: bool = False) -> VaultStore:
     """A deid vault backend (not Skyflow, which is a service of its own); `keys` is the
-    host's ``DEID_KEYS`` (`VaultConfig.keys`)."""
+    host's ``DEID_KEYS`` (`VaultConfig.keys`).
+
+    `create` makes a missing SQLite vault (`deid init`); PostgreSQL and DynamoDB vaults are
+    created by their installers (docs/postgres.md, the SAM template), never here.
+    """
     scheme = scheme_of(url)
     if scheme not in _STORES:
         if scheme in _SERVICES:
@@ -93,7 +98,9 @@ def open_store(url: str, *, keys: str | None = None) -> VaultStore:
                               "commands (keys, grant, audit) do not apply to it")
         raise ConfigError(f"deid vault: unknown vault scheme {scheme!r}; expected one of "
                           f"{', '.join(sorted({*_STORES, *_SERVICES}))}")
-    store: VaultStore = _load(_STORES[scheme])(url, keys=keys)
+    opener = _load(_STORES[scheme])
+    store: VaultStore = (opener(url, keys=keys, create=True) if create and scheme == "sqlite"
+                         else opener(url, keys=keys))
     return store
 
 
@@ -107,4 +114,5 @@ def open_service(config: VaultConfig) -> TokenService:
                              detokenize_cache_size=config.detokenize_cache_size)
 
 
-__all__ = ["DEFAULT_VAULT", "VaultConfig", "open_service", "open_store", "scheme_of", "sqlite_path"]
+__all__ = ["DEFAULT_VAULT", "VaultConfig", "anchored", "open_service", "open_store", "scheme_of",
+           "sqlite_path"]

@@ -20,7 +20,13 @@ from .. import _audit
 from .. import keys as _keys
 from .._policy import strongest
 from .._url import parse_vault_url, sqlite_path
-from ..errors import AuditChainError, ConfigError, VaultKeyError, VaultUnavailableError
+from ..errors import (
+    AuditChainError,
+    ConfigError,
+    VaultKeyError,
+    VaultNotFoundError,
+    VaultUnavailableError,
+)
 from .base import (
     GENESIS,
     Erasure,
@@ -124,7 +130,8 @@ def _store_error(path: Path, doing: str, exc: sqlite3.Error) -> VaultUnavailable
 
 
 class SQLiteStore(VaultStore):
-    """The embedded vault.
+    """The embedded vault. It must exist unless `create` is set (`deid init`): opening a
+    missing vault would otherwise start a second, empty token space without a word.
 
     Its audit log is forward-secure (deid._audit): every process that appends holds only the
     current signing state, kept in the vault; K_1, which verifies the log, is written once to
@@ -134,7 +141,7 @@ class SQLiteStore(VaultStore):
     file's audit key, as before (`forward_audit=False` keeps a new vault that way too).
     """
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 60.0,
+    def __init__(self, path: Path, *, create: bool = False, busy_timeout_s: float = 60.0,
                  synchronous: str = "full", cache_mib: int = 64, mmap_mib: int = 1024,
                  forward_audit: bool = True, keys: str | None = None) -> None:
         if synchronous not in ("full", "normal"):
@@ -148,12 +155,14 @@ class SQLiteStore(VaultStore):
         self._cache_kib = int(cache_mib) * 1024
         self._mmap_bytes = int(mmap_mib) * 1024 * 1024
         self._local = threading.local()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise VaultUnavailableError(
-                f"deid vault: cannot create the directory of {self.path} "
-                f"({exc.strerror})") from None
+        if create:
+            _create_directory(self.path)
+        elif not self.path.is_file():
+            raise VaultNotFoundError(
+                f"deid vault: no vault at {self.path.absolute()}; create it once with "
+                f"`deid init --vault sqlite:///{self.path.absolute()}` (or `deid init` in the dbt "
+                "project), or point DEID_VAULT / the plugin's `vault` at the existing vault. "
+                "deid never creates a vault while building or querying")
         with self._tx() as db:
             # executescript would commit the open transaction: run statements one by one
             # (the trigger's body holds a ';' of its own).
@@ -599,11 +608,42 @@ class SQLiteStore(VaultStore):
         }
 
 
-def open_store(url: str, *, keys: str | None = None) -> SQLiteStore:
+def _create_directory(path: Path) -> None:
+    """Make the vault's directory (0700) and keep the vault and its keys out of git.
+
+    A directory made here holds only the vault, so its .gitignore ignores everything (as a
+    virtualenv's does); in a directory that already existed only the vault's own files are
+    added, so a project's other files stay tracked.
+    """
+    parent = path.parent
+    try:
+        made = not parent.exists()
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ignore = parent / ".gitignore"
+        if made:
+            ignore.write_text("# created by deid init: the vault and its keys never go into "
+                              "git\n*\n")
+            return
+        names = [f"/{path.name}{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
+        names += [f"/{_keys.key_file_for(path).name}", f"/{audit_key_file_for(path).name}"]
+        present = ignore.read_text().splitlines() if ignore.exists() else []
+        missing = [n for n in names if n not in present]
+        if missing:
+            with ignore.open("a") as fh:
+                if present and present[-1].strip():
+                    fh.write("\n")
+                fh.write("# the deid vault and its keys never go into git\n")
+                fh.write("".join(f"{n}\n" for n in missing))
+    except OSError as exc:
+        raise VaultUnavailableError(
+            f"deid vault: cannot prepare the directory of {path} ({exc.strerror})") from None
+
+
+def open_store(url: str, *, keys: str | None = None, create: bool = False) -> SQLiteStore:
     """``sqlite:///path[?synchronous=full|normal&cache_mib=64&mmap_mib=1024]``; `keys` is
     ``DEID_KEYS`` when the host has it (else the key file beside the vault)."""
     parsed = parse_vault_url(url, "SQLite", known=("synchronous", "cache_mib", "mmap_mib"))
-    return SQLiteStore(sqlite_path(url),
+    return SQLiteStore(sqlite_path(url), create=create,
                        synchronous=(parsed.text("synchronous") or "full").lower(),
                        cache_mib=parsed.integer("cache_mib", 64, lo=0, hi=1 << 20),
                        mmap_mib=parsed.integer("mmap_mib", 1024, lo=0, hi=1 << 20),
