@@ -24,6 +24,19 @@ chosen as (
     {% else %}
         inner join busiest_zip3 on customers.zip3 = busiest_zip3.zip3
     {% endif %}
+),
+
+-- Only the rows shown are re-identified: order and limit first, detokenize last. DuckDB
+-- computes a select list before ORDER BY ... LIMIT, so detokenize beside an ORDER BY would
+-- decrypt and audit every row of `chosen` (README "Re-identify only what is shown").
+shown as (
+    select
+        zip3,
+        age_band,
+        email_token
+    from chosen
+    order by email_token
+    limit 50
 )
 
 select
@@ -31,5 +44,5 @@ select
     age_band,
     email_token,
     {{ deid.detokenize('email_token') }} as email
-from chosen
+from shown
 order by email_token

@@ -5,7 +5,8 @@
 
 {% macro default__age_band(date_of_birth, as_of, width) -%}
     {%- if as_of is none -%}
-        {%- set as_of = "cast('" ~ var('deid_as_of') ~ "' as date)" if var('deid_as_of', none) else 'current_date' -%}
+        {%- set as_of_date = var('deid_as_of', none) -%}
+        {%- set as_of = "cast('" ~ as_of_date ~ "' as date)" if as_of_date else 'current_date' -%}
     {%- endif -%}
     {%- set age -%}
         (extract(year from {{ as_of }}) - extract(year from {{ date_of_birth }})

@@ -24,6 +24,8 @@
         {%- do documented.update({name | lower: deid.column_meta(col)}) -%}
     {%- endfor -%}
     {%- set problems = [] -%}
+    {%- set undocumented = [] -%}
+    {%- set yml_path = (model.patch_path or '').split('://')[-1] or (model.original_file_path | replace('.sql', '.yml')) -%}
     {%- set scanned = [] -%}
     {%- for col in adapter.get_columns_in_relation(this) -%}
         {%- set name = col.name | lower -%}
@@ -33,7 +35,7 @@
         {%- if treatment.get('tokenized') or treatment.get('generalized') -%}
             {# declared treatment: the value scan below and the generic tests check it #}
         {%- elif meta is none and not is_seed -%}
-            {%- do problems.append("column '" ~ name ~ "' is not documented; every column of a model downstream of PII must be declared in its yml (meta deid: {tokenized: <kind>} or {generalized: <how>}, or documented as not sensitive)") -%}
+            {%- do undocumented.append("column " ~ name ~ " of model " ~ model.name ~ " is undocumented; downstream of declared PII every column must be documented (add it to " ~ yml_path ~ ": a description if it is not sensitive, or meta deid: {tokenized: <kind>} / {generalized: <how>})") -%}
         {%- elif name in upstream or (meta or {}).get('pii') -%}
             {%- do problems.append("column '" ~ name ~ "' carries declared PII (" ~ (upstream.get(name, {}).get('kind') or (meta or {}).get('pii')) ~ ") but is neither tokenized nor generalized; use deid.tokenize or a generalizer and declare it in meta") -%}
         {%- endif -%}
@@ -41,7 +43,9 @@
         {%- do scanned.append(col) -%}
     {%- endfor -%}
     {%- if problems -%}
-        {{ exceptions.raise_compiler_error("deid.pii_guard: model " ~ model.name ~ " would expose PII:\n  - " ~ problems | join("\n  - ")) }}
+        {{ exceptions.raise_compiler_error("deid.pii_guard: model " ~ model.name ~ " would expose PII:\n  - " ~ (problems + undocumented) | join("\n  - ")) }}
+    {%- elif undocumented -%}
+        {{ exceptions.raise_compiler_error("deid.pii_guard: " ~ undocumented | join("\n  - ")) }}
     {%- endif -%}
     {{ deid.pii_value_scan(scanned, upstream) }}
     {{ return('') }}

@@ -15,7 +15,7 @@
         {%- for row in result.rows -%}
             {%- do pairs.append(row[0] ~ " holds values of raw PII column " ~ row[1]) -%}
         {%- endfor -%}
-        {{ exceptions.raise_compiler_error("deid.pii_guard: model " ~ model.name ~ " exposes raw PII values: " ~ pairs | join('; ') ~ " (values not shown)") }}
+        {{ exceptions.raise_compiler_error("deid.pii_guard: model " ~ model.name ~ " exposes raw PII values: " ~ pairs | join('; ') ~ " (values not shown). Fix: pass the column through deid.tokenize('<column>', '<kind>') or a generalizer (deid.age_band, deid.zip3, deid.card_last4, deid.year) in the model's SQL, or drop it; then declare the treatment in its yml (meta deid: {tokenized: <kind>})") }}
     {%- endif -%}
 {%- endmacro %}
 

@@ -4,7 +4,7 @@
 {%- endmacro %}
 
 {% macro default__zip3(zip) -%}
-    {%- set restricted = var('deid_restricted_zip3', []) -%}
+    {%- set restricted = deid.restricted_zip3() -%}
     case
         when {{ zip }} is null then null
         {% if restricted -%}

@@ -1,7 +1,8 @@
 {# Every non-null value is a three-digit ZIP prefix and none is a restricted (sparsely
    populated) prefix, which deid.zip3 turns into '000'. Failing rows show no value. #}
 {% test is_zip3(model, column_name) %}
-{%- set restricted = var('deid_restricted_zip3', []) %}
+{{ config(tags=['deid']) }}
+{%- set restricted = deid.restricted_zip3() %}
 
 select 1 as not_a_safe_zip3
 from {{ model }}

@@ -1,5 +1,6 @@
 {# No value of the column equals any value of `field` in `to` (e.g. the raw source column). #}
 {% test shares_no_values_with(model, column_name, to, field) %}
+{{ config(tags=['deid']) }}
 
 select 1 as shared_value
 from {{ model }} as mart

@@ -1,6 +1,7 @@
 {# Every non-null value of the column is a deid token of `kind` (with an external vault:
    non-empty). Failing rows show no value. #}
 {% test tokens_of_kind(model, column_name, kind) %}
+{{ config(tags=['deid']) }}
 
 select 1 as not_a_token
 from {{ model }}

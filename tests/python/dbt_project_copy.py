@@ -9,8 +9,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deid.vault import open_store, scheme_of
-
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PARTS = ("dbt_project.yml", "models", "macros", "seeds", "analyses", "tests/generic",
                  "profiles.yml.example", ".sqlfluff")
@@ -63,13 +61,4 @@ def copy_project(dest: Path, profiles: str | None = None, **env: str) -> DbtProj
         **env,
     }
     full_env.pop("DEID_KEYS", None)
-    if scheme_of(full_env["DEID_VAULT"]) == "sqlite":
-        init_vault(full_env["DEID_VAULT"])
     return DbtProject(dest, full_env)
-
-
-def init_vault(url: str) -> None:
-    """What `deid init` does: create the vault and its keys (a dbt run never creates one)."""
-    store = open_store(url, create=True)
-    store.keyring()
-    store.close()
