@@ -49,7 +49,7 @@ def _rechain_without(vault_path: Path, seq: int, seal) -> None:  # type: ignore[
 @pytest.fixture
 def legacy(vault_path: Path) -> VaultTokenService:
     """A vault sealed with the key file's audit key (how PostgreSQL and DynamoDB seal)."""
-    return VaultTokenService(SQLiteStore(vault_path, forward_audit=False))
+    return VaultTokenService(SQLiteStore(vault_path, create=True, forward_audit=False))
 
 
 def test_attack_a_duplicated_key_does_not_verify(service: VaultTokenService,

@@ -214,7 +214,8 @@ def test_a_relative_vault_path_is_relative_to_the_dbt_project(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     project, other = tmp_path / "project", tmp_path / "other"
     other.mkdir()
-    open_store(f"sqlite:///{project / '.deid' / 'vault.db'}", create=True).close()
+    SQLiteStore(project / ".deid" / "vault.db", create=True).grant_tokenize(
+        "builder", "*", "tokenize", "test")
     monkeypatch.chdir(other)  # dbt started from another directory (--project-dir)
     monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
     c = _plugin({"vault": "sqlite:///.deid/vault.db", "principal": "builder"})

@@ -38,7 +38,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def svc(vault_path: Path, clock: Clock) -> VaultTokenService:
-    store = CountingStore(vault_path)
+    store = CountingStore(vault_path, create=True)
     return VaultTokenService(store, cache_size=0, gate=Gate(store, clock=clock))
 
 
@@ -119,7 +119,7 @@ def test_the_aggregate_is_written_when_the_process_exits(vault_path: Path) -> No
     import subprocess
     import sys
 
-    SQLiteStore(vault_path).grant_tokenize("etl", "*", "tokenize", "test")
+    SQLiteStore(vault_path, create=True).grant_tokenize("etl", "*", "tokenize", "test")
     code = ("import sys; from deid.service import VaultTokenService; "
             "from deid.stores.sqlite import SQLiteStore; "
             "s = VaultTokenService(SQLiteStore(sys.argv[1])); "

@@ -616,7 +616,7 @@ def test_attack_an_ungranted_warehouse_user_cannot_tokenize_through_skyflow(make
     from deid.lambda_handler import HandlerConfig, RedshiftUDF
 
     policy_db = tmp_path / "policy.db"
-    SQLiteStore(policy_db).grant_tokenize("dbt_transformer", "*", "tokenize", "admin")
+    SQLiteStore(policy_db, create=True).grant_tokenize("dbt_transformer", "*", "tokenize", "admin")
     # Both databases served: the vault's tokenize policy is what refuses the analyst.
     udf = RedshiftUDF(make(policy=f"sqlite:///{policy_db}", ctx="user+query"),
                       HandlerConfig(databases=frozenset({"dev", "scratch_db"})))
