@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from dbt_project_copy import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 ONLY_AT_THE_ROOT = "{{ project_name == 'deid' }}"
 

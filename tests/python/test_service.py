@@ -22,7 +22,7 @@ from deid.errors import (
 )
 from deid.keys import key_file_for
 from deid.service import VaultTokenService
-from deid.vault import VaultConfig, open_service
+from deid.vault import VaultConfig, open_service, open_store
 
 EMAILS = [f"person{i}@example.com" for i in range(300)]
 
@@ -227,6 +227,7 @@ def test_keys_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     from deid.keys import FileKeyring
 
     monkeypatch.setenv("DEID_KEYS", FileKeyring.generate().to_json())
+    open_store(f"sqlite:///{tmp_path / 'v.db'}", create=True).close()  # deid init, no keys yet
     # Read once at the host's edge (VaultConfig), then passed to the store explicitly.
     svc = open_service(VaultConfig.from_env({"vault": f"sqlite:///{tmp_path / 'v.db'}"}))
     assert isinstance(svc, VaultTokenService)

@@ -5,10 +5,11 @@ project calls them), and README "Settings" lists exactly these vars."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import yaml
 
-from dbt_project_copy import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 SOURCES = [*(ROOT / "macros").rglob("*.sql"), *(ROOT / "tests" / "generic").glob("*.sql")]
 

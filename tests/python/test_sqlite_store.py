@@ -41,7 +41,7 @@ def _assert_actionable(exc: BaseException) -> None:
 
 def test_opening_a_read_only_vault_is_a_deid_error_with_the_fix(
         vault_path: Path, read_only: Callable[[], None]) -> None:
-    sqlite_store.SQLiteStore(vault_path).close()
+    sqlite_store.SQLiteStore(vault_path, create=True).close()
     read_only()
     with pytest.raises(DeidError) as exc:
         VaultTokenService(sqlite_store.SQLiteStore(vault_path))
@@ -50,7 +50,7 @@ def test_opening_a_read_only_vault_is_a_deid_error_with_the_fix(
 
 def test_minting_and_auditing_in_a_read_only_vault_are_deid_errors(
         vault_path: Path, read_only: Callable[[], None]) -> None:
-    service = VaultTokenService(sqlite_store.SQLiteStore(vault_path), cache_size=0,
+    service = VaultTokenService(sqlite_store.SQLiteStore(vault_path, create=True), cache_size=0,
                                 detokenize_cache_size=0)
     token = service.tokenize("email", ["known@example.com"])[0]
     service.store.grant("reader", "test")
@@ -79,6 +79,6 @@ def test_an_unreadable_key_file_is_a_deid_error_naming_it(vault_path: Path) -> N
 
     key_file_for(vault_path).mkdir(parents=True, mode=0o700)  # a directory, not a key file
     with pytest.raises(VaultKeyError) as exc:
-        VaultTokenService(sqlite_store.SQLiteStore(vault_path))
+        VaultTokenService(sqlite_store.SQLiteStore(vault_path, create=True))
     assert str(key_file_for(vault_path)) in str(exc.value)
     assert "cannot be read" in str(exc.value)
