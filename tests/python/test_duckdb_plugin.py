@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from deid import duckdb_plugin
 from deid.duckdb_plugin import Plugin, register
 from deid.service import VaultTokenService
 from deid.stores.sqlite import SQLiteStore
@@ -217,6 +218,7 @@ def test_a_relative_vault_path_is_relative_to_the_dbt_project(
     SQLiteStore(project / ".deid" / "vault.db", create=True).grant_tokenize(
         "builder", "*", "tokenize", "test")
     monkeypatch.chdir(other)  # dbt started from another directory (--project-dir)
+    monkeypatch.setattr(duckdb_plugin, "get_flags", lambda: None)  # no dbt run in this process
     monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
     c = _plugin({"vault": "sqlite:///.deid/vault.db", "principal": "builder"})
     token = c.sql("select deid.tokenize('a@example.com', 'email')").fetchall()[0][0]
@@ -228,6 +230,7 @@ def test_a_relative_vault_path_is_relative_to_the_dbt_project(
 def test_a_relative_vault_path_without_a_project_is_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(duckdb_plugin, "get_flags", lambda: None)  # no dbt run in this process
     monkeypatch.delenv("DBT_PROJECT_DIR", raising=False)
     c = _plugin({"vault": "sqlite:///.deid/vault.db", "principal": "builder"})
     with pytest.raises(duckdb.Error, match="relative and no dbt project directory"):
