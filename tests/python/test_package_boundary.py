@@ -1,5 +1,5 @@
 """Every node of deid's example pipeline is enabled only when deid is the root project
-(docs/decisions/004): models, seeds, sources, analyses, unit tests and each data test, which
+(docs/decisions/006): models, seeds, sources, analyses, unit tests and each data test, which
 would otherwise attach to a consumer's model of the same name. Read from the yml, so a node
 added without the config fails here before a consumer's build does
 (test_dbt_package.py checks a consumer's graph end to end)."""
