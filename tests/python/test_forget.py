@@ -52,7 +52,7 @@ def open_vault(request: pytest.FixtureRequest, tmp_path: Path,
         path = tmp_path / "vault.db"
 
         def make() -> VaultStore:
-            return SQLiteStore(path)
+            return SQLiteStore(path, create=True)
     else:
         url = _dynamodb_url(request.getfixturevalue("endpoint"), monkeypatch)
 
@@ -76,7 +76,7 @@ def test_sqlite_files_keep_no_copy_of_the_erased_ciphertext(tmp_path: Path) -> N
     """Attack: whoever holds the key file reads the vault file (and its write-ahead log)
     directly; a deleted row's bytes stay in free pages and old WAL frames unless overwritten."""
     path = tmp_path / "vault.db"
-    s = VaultTokenService(SQLiteStore(path))
+    s = VaultTokenService(SQLiteStore(path, create=True))
     # Enough records that the page holding the erased one stays in use.
     tokens = s.tokenize("string", [f"value-{i:04d}" for i in range(200)])
     victim = tokens[7]
@@ -98,14 +98,14 @@ def test_duckdb_host_refuses_an_erased_token_it_had_cached(tmp_path: Path) -> No
 
     from deid.duckdb_plugin import register
 
-    host = VaultTokenService(SQLiteStore(tmp_path / "vault.db"))  # caches on, as in a build
+    host = VaultTokenService(SQLiteStore(tmp_path / "vault.db", create=True))  # caches on
     host.store.grant("reader", "test")
     host.store.grant_tokenize("reader", "*", "tokenize", "test")
     con = duckdb.connect()
     register(con, host, "reader")
     old = con.sql("select deid.tokenize('pat@example.com', 'email')").fetchall()[0][0]
     assert con.sql(f"select deid.detokenize('{old}')").fetchall() == [("pat@example.com",)]
-    VaultTokenService(SQLiteStore(tmp_path / "vault.db")).forget(
+    VaultTokenService(SQLiteStore(tmp_path / "vault.db", create=True)).forget(
         "email", tokens=[old], principal="dpo")
     with pytest.raises(duckdb.Error, match="erased") as info:
         con.sql(f"select deid.detokenize('{old}')").fetchall()
@@ -115,7 +115,7 @@ def test_duckdb_host_refuses_an_erased_token_it_had_cached(tmp_path: Path) -> No
 def test_warm_lambda_container_refuses_an_erased_token(tmp_path: Path) -> None:
     from deid.lambda_handler import HandlerConfig, RedshiftUDF
 
-    warm = VaultTokenService(SQLiteStore(tmp_path / "vault.db"))  # caches on
+    warm = VaultTokenService(SQLiteStore(tmp_path / "vault.db", create=True))  # caches on
     warm.store.grant("pii_reader", "test")
     warm.store.grant_tokenize("dbt_transformer", "*", "tokenize", "test")  # the payload's user
     udf = RedshiftUDF(warm, HandlerConfig(databases=frozenset({"dev"})))  # the payloads' db
@@ -127,7 +127,7 @@ def test_warm_lambda_container_refuses_an_erased_token(tmp_path: Path) -> None:
                        .read_text())
     event = {**detok, "num_records": 1, "arguments": [[token]]}
     assert json.loads(udf.detokenize(event))["results"] == ["quinn@example.com"]
-    VaultTokenService(SQLiteStore(tmp_path / "vault.db")).forget(
+    VaultTokenService(SQLiteStore(tmp_path / "vault.db", create=True)).forget(
         "email", values=["quinn@example.com"], principal="dpo")
     answer = json.loads(udf.detokenize(event))
     assert answer["success"] is False and "erased" in answer["error_msg"]
@@ -171,6 +171,8 @@ def skyflow_vault(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             servers.append(FakeSkyflow(**fake_options).start())
         fake = servers[0]
         creds = fake.write_credentials(tmp_path / "credentials.json")
+        if not policy:  # deid init of the policy vault
+            SQLiteStore(tmp_path / "policy.db", create=True).close()
         url = fake.vault_url(credentials=str(creds), backoff="0",
                              policy=policy or f"sqlite:///{tmp_path / 'policy.db'}")
         svc = skyflow.SkyflowTokenService(skyflow.parse_url(url))
@@ -249,6 +251,7 @@ def _cli(vault: Path, *args: str, stdin: str | None = None) -> Any:
 
     from deid.cli import main
 
+    SQLiteStore(vault, create=True).close()  # deid init
     result = CliRunner().invoke(main, [*args, "--vault", f"sqlite:///{vault}"], input=stdin)
     assert result.exit_code == 0, result.output
     return result
@@ -256,7 +259,7 @@ def _cli(vault: Path, *args: str, stdin: str | None = None) -> Any:
 
 def test_cli_forget_reads_values_from_stdin_and_never_echoes_them(tmp_path: Path) -> None:
     vault = tmp_path / "vault.db"
-    s = VaultTokenService(SQLiteStore(vault))
+    s = VaultTokenService(SQLiteStore(vault, create=True))
     ann, bo, cy = s.tokenize("email", ["ann@example.com", "bo@example.com", "cy@example.com"])
     out = _cli(vault, "forget", "email", "--values-from", "-",
                stdin="ANN@example.com\n\nnobody@example.com\n").output
@@ -285,6 +288,7 @@ def test_cli_forget_refuses_values_and_tokens_together(tmp_path: Path) -> None:
     from deid.cli import main
 
     vault = f"sqlite:///{tmp_path / 'vault.db'}"
+    SQLiteStore(tmp_path / "vault.db", create=True).close()  # deid init
     both = CliRunner().invoke(main, ["forget", "email", "--values-from", "-", "--token", "t",
                                      "--vault", vault], input="a@b.co\n")
     assert both.exit_code != 0 and "not both" in both.output

@@ -25,6 +25,7 @@ from deid.errors import DeidError
 from deid.ingest import files
 from deid.ingest.columns import SourceColumns
 from deid.service import VaultTokenService
+from deid.vault import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = ["customer_id", "email", "ssn", "zip", "city"]
@@ -49,6 +50,8 @@ def write_csv(path: Path, rows: list[list[str]] = ROWS) -> Path:
 
 
 def run(vault_path: Path, *args: str) -> Result:
+    if not vault_path.exists():  # deid init
+        open_store(f"sqlite:///{vault_path}", create=True).close()
     return CliRunner().invoke(main, ["tokenize-file", "--vault", f"sqlite:///{vault_path}",
                                      "--quiet", *args])
 
