@@ -216,7 +216,7 @@ def test_guard_refuses_a_mart_exposing_pii_and_keeps_the_previous_one(
         model.write_text(leaking)
         out = built.dbt("run", "--select", "dim_customers", check=False)
         assert out.returncode != 0
-        assert "exposes raw PII values: email_token holds values of raw email" in out.stdout
+        assert "exposes raw PII values: email_token holds values of raw PII column" in out.stdout
         assert "Fix: pass the column through deid.tokenize(" in out.stdout
         assert not [v for v in raw_values() if v in out.stdout]
     finally:
