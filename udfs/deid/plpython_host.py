@@ -164,27 +164,8 @@ def tokenize(plpy: Any, value: str | None, kind: str | None, *,
     """``deid.tokenize(value, kind)``: NULL value → NULL; the kind is required otherwise."""
     if value is None:
         return None
-    try:
-        if kind is None:
-            raise InvalidKindError("deid.tokenize: the kind argument is NULL")
-        host = _host(plpy, vault_schema)
-        service = host.service()
-        ctx = host.context()
-        host.log_tokenize(ctx, kind)
-        return service.tokenize(kind, [value], principal=ctx["principal"],
-                                query_id=f"{ctx['pid']}@{ctx['statement']}",
-                                host="postgresql")[0]
-    except InvalidValueError as exc:
-        # One value per call here: "row 1 of the batch" would mislead.
-        _fail(plpy, InvalidValueError(exc.kind, exc.reason, column=exc.column))
-    except PermissionDeniedError as exc:
-        # The vault's record of the refusal rolls back with the failed statement.
-        plpy.log(f"deid audit: tokenize refused by the vault policy for principal "
-                 f"{_principal(plpy, vault_schema)!r}")
-        _fail(plpy, exc)
-    except Exception as exc:
-        _fail(plpy, exc, "deid.tokenize")
-    return None  # not reached: _fail raises
+    # One value per call here: "row 1 of the batch" would mislead.
+    return _tokenize(plpy, [value], kind, vault_schema, one_value=True)[0]
 
 
 def tokenize_batch(plpy: Any, values: list[str | None] | None, kind: str | None, *,
@@ -193,6 +174,13 @@ def tokenize_batch(plpy: Any, values: list[str | None] | None, kind: str | None,
     stays NULL). What ``deid.token_map`` calls: one vault lookup for the whole array."""
     if values is None:
         return None
+    return _tokenize(plpy, values, kind, vault_schema, one_value=False)
+
+
+def _tokenize(plpy: Any, values: list[str | None], kind: str | None, vault_schema: str, *,
+              one_value: bool) -> list[str | None]:
+    """Both tokenize functions: policy for ``session_user``, a server-log trail that no
+    rollback erases, then the token service."""
     try:
         if kind is None:
             raise InvalidKindError("deid.tokenize: the kind argument is NULL")
@@ -202,13 +190,17 @@ def tokenize_batch(plpy: Any, values: list[str | None] | None, kind: str | None,
         host.log_tokenize(ctx, kind)
         return service.tokenize(kind, values, principal=ctx["principal"],
                                 query_id=f"{ctx['pid']}@{ctx['statement']}", host="postgresql")
+    except InvalidValueError as exc:
+        _fail(plpy, InvalidValueError(exc.kind, exc.reason, column=exc.column) if one_value
+              else exc)
     except PermissionDeniedError as exc:
+        # The vault's record of the refusal rolls back with the failed statement.
         plpy.log(f"deid audit: tokenize refused by the vault policy for principal "
                  f"{_principal(plpy, vault_schema)!r}")
         _fail(plpy, exc)
     except Exception as exc:
         _fail(plpy, exc, "deid.tokenize")
-    return None  # not reached: _fail raises
+    raise AssertionError("unreachable: _fail raises")  # pragma: no cover
 
 
 def detokenize(plpy: Any, token: str | None, *,
