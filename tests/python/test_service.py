@@ -145,14 +145,17 @@ def test_forged_or_foreign_tokens_fail_without_echo(service: VaultTokenService,
         assert bad not in str(exc.value)
 
 
+@pytest.mark.parametrize("table", ["journal", "tokens"])
 def test_tampered_record_fails_authentication(service: VaultTokenService,
-                                              vault_path: Path) -> None:
+                                              vault_path: Path, table: str) -> None:
     a, b = service.tokenize("email", ["a@example.com", "b@example.com"])
     service.store.grant("p", "test")
+    if table == "tokens":
+        service.store.merge_journal()  # type: ignore[attr-defined]
     db = sqlite3.connect(vault_path)
     # swap the two ciphertexts: each is bound to its own token
-    rows = dict(db.execute("select token, ciphertext from tokens").fetchall())
-    db.execute("update tokens set ciphertext = ? where token = ?", (rows[b], a))
+    rows = dict(db.execute(f"select token, ciphertext from {table}").fetchall())
+    db.execute(f"update {table} set ciphertext = ? where token = ?", (rows[b], a))
     db.commit()
     with pytest.raises(VaultKeyError, match="failed authentication"):
         fresh_service(vault_path).detokenize([a], principal="p")

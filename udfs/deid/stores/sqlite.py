@@ -1,8 +1,20 @@
 """The embedded vault: one SQLite file (WAL), safe under concurrent threads and processes.
 
-Convergence under concurrency: new tokens are inserted with ``INSERT OR IGNORE`` inside a
-``BEGIN IMMEDIATE`` transaction (one writer at a time across processes), and the winners are
-read back in the same transaction, so two writers that see one new value return one token.
+Convergence under concurrency: new tokens are written inside a ``BEGIN IMMEDIATE``
+transaction (one writer at a time across processes) after looking every fingerprint and
+token up in that same transaction, so two writers that see one new value return one token.
+
+New records land in an append-only journal, not in the indexed ``tokens`` table. A record in
+``tokens`` sits at a random key in two B-trees (token, fingerprint), so each new value dirtied
+about two pages that the commit wrote to the log and synced: a DuckDB vector of 2,048 new
+values cost ~40 ms of commit, capping new values at ~45k/s. Journal rows are appended at
+the end of one B-tree (a few pages per vector) and the commit stays synced: a token is on
+disk before it is returned, as before. Each process indexes the journal in memory (catching
+up on the rows appended since its last look, inside its own read snapshot), and once the
+journal holds `journal_rows` records a writer moves them into ``tokens`` in token order
+(sorted inserts dirty each page once) in the transaction that crosses the threshold. Rows
+leave the journal only by that merge or by an erasure, and both bump ``journal_epoch``, so a
+process whose index predates either rebuilds it.
 """
 
 from __future__ import annotations
@@ -37,9 +49,31 @@ from .base import (
     check_key_versions,
 )
 
-_SCHEMA_VERSION = "1"
+# 2: new records go to the journal first. Older deid versions read only `tokens` and would
+# mint second tokens for values still in the journal, so they must not open such a vault.
+_SCHEMA_VERSION = 2
 # Keep well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
 _CHUNK = 2000
+# Journal records before a writer merges them into `tokens`: each process's index of the
+# journal holds up to this many entries (~250 bytes each), and a merge moves them in token
+# order in one transaction (~1-2 s at this size).
+DEFAULT_JOURNAL_ROWS = 262_144
+# Every record, wherever it is now (for counts, not for the hot paths).
+_ALL_TOKENS = ("(select domain, kind, key_version from tokens union all "
+               "select domain, kind, key_version from journal)")
+
+
+class _JournalIndex:
+    """One process's index of the journal at `epoch`: rows up to `seq`, by domain and
+    fingerprint (for tokenize) and by token (for detokenize and the uniqueness check)."""
+
+    __slots__ = ("by_fingerprint", "by_token", "epoch", "seq")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.seq = 0
+        self.by_fingerprint: dict[str, dict[bytes, str]] = {}
+        self.by_token: dict[str, int] = {}
 
 _SCHEMA = """
 create table if not exists meta (key text primary key, value text not null);
@@ -52,6 +86,15 @@ create table if not exists tokens (
     ciphertext blob not null
 ) without rowid;
 create unique index if not exists tokens_by_fingerprint on tokens (domain, fingerprint);
+create table if not exists journal (
+    seq integer primary key autoincrement,
+    token text not null,
+    domain text not null,
+    fingerprint blob not null,
+    kind text not null,
+    key_version integer not null,
+    ciphertext blob not null
+);
 create table if not exists erased (
     token text primary key,
     domain text not null,
@@ -143,7 +186,8 @@ class SQLiteStore(VaultStore):
 
     def __init__(self, path: Path, *, create: bool = False, busy_timeout_s: float = 60.0,
                  synchronous: str = "full", cache_mib: int = 64, mmap_mib: int = 1024,
-                 forward_audit: bool = True, keys: str | None = None) -> None:
+                 forward_audit: bool = True, keys: str | None = None,
+                 journal_rows: int = DEFAULT_JOURNAL_ROWS) -> None:
         if synchronous not in ("full", "normal"):
             raise ConfigError("deid vault: synchronous must be 'full' (every commit reaches the "
                               "disk) or 'normal' (survives a process crash, not a power loss)")
@@ -155,6 +199,9 @@ class SQLiteStore(VaultStore):
         self._cache_kib = int(cache_mib) * 1024
         self._mmap_bytes = int(mmap_mib) * 1024 * 1024
         self._local = threading.local()
+        self._journal_rows = journal_rows
+        self._journal = _JournalIndex(-1)
+        self._journal_lock = threading.Lock()
         if create:
             _create_directory(self.path)
         elif not self.path.is_file():
@@ -169,8 +216,13 @@ class SQLiteStore(VaultStore):
             for statement in _SCHEMA.split(";\n"):
                 if statement.strip():
                     db.execute(statement)
-            db.execute("insert or ignore into meta values ('schema_version', ?)",
-                       (_SCHEMA_VERSION,))
+            row = db.execute("select value from meta where key = 'schema_version'").fetchone()
+            if row is not None and int(row[0]) > _SCHEMA_VERSION:
+                raise ConfigError(
+                    f"deid vault: {self.path} has schema version {row[0]}, newer than this "
+                    f"deid understands ({_SCHEMA_VERSION}); upgrade deid on this host")
+            db.execute("insert or replace into meta values ('schema_version', ?)",
+                       (str(_SCHEMA_VERSION),))
             started = db.execute("select 1 from meta where key = 'audit_state'").fetchone() \
                 or db.execute("select 1 from audit limit 1").fetchone()
             if forward_audit and not started:
@@ -197,6 +249,7 @@ class SQLiteStore(VaultStore):
                 # system call per page (bounded, and the kernel may reclaim these pages).
                 db.execute(f"pragma mmap_size={self._mmap_bytes}")
                 db.execute("pragma foreign_keys=on")
+                db.execute("pragma secure_delete=on")  # see Erasure below
                 # New tokens land at random keys in two B-trees, so a vector of 2,048 dirties
                 # thousands of pages: checkpoint every 64 MiB of log, not SQLite's 4 MiB (which
                 # copied every commit's pages back at once), and cut the log back afterwards.
@@ -266,7 +319,7 @@ class SQLiteStore(VaultStore):
             ring = self._own(_keys.read_key_file(key_file)).without(version)
             # Counted under the lock and after the rotation recorded a newer current version,
             # so no writer can add a record under `version` any more.
-            left = self._read("select count(*) from tokens where key_version = ?",
+            left = self._read(f"select count(*) from {_ALL_TOKENS} where key_version = ?",
                               (version,))[0][0]
             if left:
                 raise VaultKeyError(f"deid keys: {left} records are still encrypted under key "
@@ -288,7 +341,7 @@ class SQLiteStore(VaultStore):
                    "cast(excluded.value as integer)", (str(version),))
 
     def _load_keyring(self) -> _keys.FileKeyring:
-        empty = not self._read("select 1 from tokens limit 1") and not self._read(
+        empty = not self._read(f"select 1 from {_ALL_TOKENS} limit 1") and not self._read(
             "select 1 from meta where key = 'key_check'")
         ring = _keys.load_or_create(_keys.key_file_for(self.path), create=empty,
                                     keys=self._keys_json)
@@ -302,80 +355,214 @@ class SQLiteStore(VaultStore):
                 "(its fingerprint key differs); use the vault's own key file")
         return ring
 
+    # -- the journal ------------------------------------------------------------------------
+
+    def _catch_up(self, db: sqlite3.Connection, *, writing: bool = False) -> _JournalIndex | None:
+        """This process's journal index, brought up to `db`'s open transaction. None when
+        that snapshot predates a merge or erasure the index already reflects (another thread
+        of this process saw it first): the caller then reads the journal itself. A writer's
+        snapshot is the newest, so it always gets an index."""
+        row = db.execute("select value from meta where key = 'journal_epoch'").fetchone()
+        epoch = int(row[0]) if row else 0
+        with self._journal_lock:
+            index = self._journal
+            if epoch < index.epoch and not writing:
+                return None
+            if epoch != index.epoch:
+                index = _JournalIndex(epoch)
+            rows = db.execute("select seq, domain, fingerprint, token from journal "
+                              "where seq > ? order by seq", (index.seq,)).fetchall()
+            if rows:
+                by_token = index.by_token
+                for seq, domain, fingerprint, token in rows:
+                    by_fp = index.by_fingerprint.get(domain)
+                    if by_fp is None:
+                        by_fp = index.by_fingerprint[domain] = {}
+                    by_fp[fingerprint] = token
+                    by_token[token] = seq
+                index.seq = rows[-1][0]
+            self._journal = index
+            return index
+
+    def _learn(self, epoch: int, after: int, last: int, records: Sequence[NewRecord],
+               merged: bool) -> None:
+        """After a commit: add what this writer appended (seqs after+1..last) to the index,
+        or start an empty one after a merge, unless another thread moved the index on."""
+        with self._journal_lock:
+            index = self._journal
+            if index.epoch != epoch or index.seq != after:
+                return  # the next catch-up reads them
+            if merged:
+                index = self._journal = _JournalIndex(epoch + 1)
+                index.seq = last
+                return
+            by_token = index.by_token
+            for seq, r in enumerate(records, start=last - len(records) + 1):
+                by_fp = index.by_fingerprint.get(r.domain)
+                if by_fp is None:
+                    by_fp = index.by_fingerprint[r.domain] = {}
+                by_fp[r.fingerprint] = r.token
+                by_token[r.token] = seq
+            index.seq = last
+
+    @staticmethod
+    def _select_in(db: sqlite3.Connection, sql: str, head: tuple[Any, ...],
+                   keys: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """`sql` ends with ``in``: run it over `keys` in chunks, after the `head` arguments."""
+        out: list[tuple[Any, ...]] = []
+        for i in range(0, len(keys), _CHUNK):
+            chunk = keys[i : i + _CHUNK]
+            out += db.execute(f"{sql} ({','.join('?' * len(chunk))})", (*head, *chunk)).fetchall()
+        return out
+
     # -- tokens -----------------------------------------------------------------------------
 
     def find_tokens(self, domain: str, fingerprints: Sequence[bytes]) -> dict[bytes, str]:
-        found: dict[bytes, str] = {}
-        for i in range(0, len(fingerprints), _CHUNK):
-            chunk = fingerprints[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            found.update(self._read(
-                f"select fingerprint, token from tokens where domain = ? "
-                f"and fingerprint in ({marks})", (domain, *chunk)))
-        return found
+        with self._tx(write=False) as db:
+            index = self._catch_up(db)
+            found: dict[bytes, str] = {}
+            rest: Sequence[bytes] = fingerprints
+            if index is not None:
+                recent = index.by_fingerprint.get(domain, {})
+                found = {fp: recent[fp] for fp in fingerprints if fp in recent}
+                rest = [fp for fp in fingerprints if fp not in found] if found else fingerprints
+            else:
+                found.update(self._select_in(
+                    db, "select fingerprint, token from journal where domain = ? and "
+                    "fingerprint in", (domain,), fingerprints))
+            found.update(self._select_in(
+                db, "select fingerprint, token from tokens where domain = ? and fingerprint in",
+                (domain,), [fp for fp in rest if fp not in found]))
+            return found
 
     def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
+        """Append the records whose fingerprint and token are both new to the journal (in one
+        synced commit) and return fingerprint -> token for every record: its own token, or
+        the token another writer minted for the value first. A record whose proposed token
+        is taken by another value (or was erased) is left out, for the caller to retry."""
         if not records:
             return {}
-        domain = records[0].domain
-        rows = [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
-                for r in records]
         with self._tx() as db:
             row = db.execute("select value from meta where key = 'key_current'").fetchone()
             newer = check_key_versions(int(row[0]) if row else None, records)
             if newer is not None:
                 self._record_current(db, newer)
-            before = db.total_changes
-            db.executemany("insert or ignore into tokens values (?, ?, ?, ?, ?, ?)", rows)
-            inserted = db.total_changes - before
-            if inserted == len(rows):
-                return {r.fingerprint: r.token for r in records}
-            # Someone else minted some of these (or a token collided): read the winners.
-            fps = [r.fingerprint for r in records]
+            index = self._catch_up(db, writing=True)
+            assert index is not None
+            epoch, after = index.epoch, index.seq
             winners: dict[bytes, str] = {}
-            for i in range(0, len(fps), _CHUNK):
-                chunk = fps[i : i + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                winners.update(db.execute(
-                    f"select fingerprint, token from tokens where domain = ? "
-                    f"and fingerprint in ({marks})", (domain, *chunk)).fetchall())
-            return winners
+            for domain in {r.domain for r in records}:
+                recent = index.by_fingerprint.get(domain, {})
+                fps = [r.fingerprint for r in records if r.domain == domain]
+                winners.update((fp, recent[fp]) for fp in fps if fp in recent)
+                winners.update(self._select_in(
+                    db, "select fingerprint, token from tokens where domain = ? and "
+                    "fingerprint in", (domain,), [fp for fp in fps if fp not in winners]))
+            fresh = [r for r in records if r.fingerprint not in winners]
+            proposed = [r.token for r in fresh]
+            taken = {t for (t,) in self._select_in(
+                db, "select token from tokens where token in", (), proposed)}
+            taken.update(t for (t,) in self._select_in(
+                db, "select token from erased where token in", (), proposed))
+            taken.update(t for t in proposed if t in index.by_token)
+            new: list[NewRecord] = []
+            for r in fresh:
+                if r.token in taken or r.fingerprint in winners:
+                    continue  # a collision (retried by the caller), or a repeated value
+                taken.add(r.token)
+                winners[r.fingerprint] = r.token
+                new.append(r)
+            merged = False
+            last = after
+            if new:
+                db.executemany(
+                    "insert into journal (token, domain, fingerprint, kind, key_version, "
+                    "ciphertext) values (?, ?, ?, ?, ?, ?)",
+                    [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
+                     for r in new])
+                last = db.execute("select last_insert_rowid()").fetchone()[0]
+                if len(index.by_token) + len(new) >= self._journal_rows:
+                    self._merge(db)
+                    merged = True
+        self._learn(epoch, after, last, new, merged)
+        return winners
+
+    @staticmethod
+    def _merge(db: sqlite3.Connection) -> None:
+        """Move the journal into `tokens` in token order (inside the caller's transaction)."""
+        db.execute("insert into tokens select token, domain, fingerprint, kind, key_version, "
+                   "ciphertext from journal order by token")
+        db.execute("delete from journal")
+        db.execute("insert into meta values ('journal_epoch', '1') on conflict (key) do "
+                   "update set value = cast(value as integer) + 1")
+
+    def merge_journal(self) -> int:
+        """Move every journal record into `tokens` now; return how many moved."""
+        with self._tx() as db:
+            n = db.execute("select count(*) from journal").fetchone()[0]
+            if n:
+                self._merge(db)
+        return int(n)
 
     def fetch_values(self, tokens: Sequence[str]) -> dict[str, StoredValue]:
         out: dict[str, StoredValue] = {}
-        for i in range(0, len(tokens), _CHUNK):
-            chunk = tokens[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for token, version, blob in self._read(
-                f"select token, key_version, ciphertext from tokens where token in ({marks})",
-                chunk,
-            ):
+        with self._tx(write=False) as db:
+            index = self._catch_up(db)
+            rows: list[tuple[Any, ...]]
+            if index is None:
+                rows = self._select_in(db, "select token, key_version, ciphertext from journal "
+                                       "where token in", (), tokens)
+            else:
+                recent = index.by_token
+                rows = self._select_in(db, "select token, key_version, ciphertext from journal "
+                                       "where seq in", (), [recent[t] for t in tokens
+                                                            if t in recent])
+            for token, version, blob in rows:
+                out[token] = StoredValue(version, blob)
+            rest = [t for t in tokens if t not in out] if out else tokens
+            for token, version, blob in self._select_in(
+                    db, "select token, key_version, ciphertext from tokens where token in", (),
+                    rest):
                 out[token] = StoredValue(version, blob)
         return out
 
     def iter_values(self, batch_size: int = 10_000) -> Iterator[list[tuple[str, StoredValue]]]:
-        last = ""
-        while True:
-            rows = self._read(
-                "select token, key_version, ciphertext from tokens where token > ? "
-                "order by token limit ?", (last, batch_size))
-            if not rows:
-                return
-            yield [(t, StoredValue(v, b)) for t, v, b in rows]
-            last = rows[-1][0]
+        # Each table in the order of its own key; a record merged meanwhile may be seen
+        # twice or not at all, so callers loop until nothing is left to do (keys rewrap).
+        for table, key, first in (("tokens", "token", ""), ("journal", "seq", 0)):
+            last: Any = first
+            while True:
+                rows = self._read(
+                    f"select {key}, token, key_version, ciphertext from {table} "
+                    f"where {key} > ? order by {key} limit ?", (last, batch_size))
+                if not rows:
+                    break
+                yield [(t, StoredValue(v, b)) for _k, t, v, b in rows]
+                last = rows[-1][0]
 
     def update_values(self, rows: Sequence[tuple[str, StoredValue, StoredValue]]) -> int:
         with self._tx() as db:
+            index = self._catch_up(db, writing=True)
+            assert index is not None
+            seq = index.by_token
             before = db.total_changes
+            # A record is in one of the two tables (a merge runs under this same write lock).
             db.executemany("update tokens set key_version = ?, ciphertext = ? where token = ? "
                            "and key_version = ? and ciphertext = ?",
                            [(new.key_version, new.ciphertext, t, old.key_version, old.ciphertext)
-                            for t, old, new in rows])
+                            for t, old, new in rows if t not in seq])
+            db.executemany("update journal set key_version = ?, ciphertext = ? where seq = ? "
+                           "and key_version = ? and ciphertext = ?",
+                           [(new.key_version, new.ciphertext, seq[t], old.key_version,
+                             old.ciphertext) for t, old, new in rows if t in seq])
             return db.total_changes - before
 
     # -- erasure ----------------------------------------------------------------------------
     #
-    # secure_delete overwrites the deleted rows' bytes in the database file, and a TRUNCATE
+    # secure_delete (on for every connection) overwrites the deleted rows' bytes in the
+    # database file, and the bytes a B-tree moves when it splits or merges pages (a journal
+    # merge deletes every journal row: without it, a copy of each merged ciphertext would stay
+    # in free pages after the record's erasure), and a TRUNCATE
     # checkpoint empties the WAL that still holds the pages written when the record was
     # minted: the ciphertext must not outlive the erasure in the file (whoever holds the key
     # file could decrypt a leftover copy). The trigger on tokens keeps an erased token from
@@ -385,30 +572,39 @@ class SQLiteStore(VaultStore):
     def _erase_where(self, domain: str, column: str,
                      keys: Sequence[bytes] | Sequence[str]) -> list[Erasure]:
         at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
-        db = self._db()
-        db.execute("pragma secure_delete=on")
-        try:
-            out: list[Erasure] = []
-            with self._tx() as tx:
-                for i in range(0, len(keys), _CHUNK):
-                    chunk = list(keys[i : i + _CHUNK])
-                    marks = ",".join("?" * len(chunk))
-                    rows = tx.execute(
-                        f"select token, kind from tokens where domain = ? and {column} in "
-                        f"({marks})", (domain, *chunk)).fetchall()
-                    if not rows:
-                        continue
-                    found = [Erasure(t, domain, k, at) for t, k in rows]
-                    tx.executemany("insert into erased values (?, ?, ?, ?)",
-                                   [(e.token, e.domain, e.kind, e.erased_at) for e in found])
-                    tx.executemany("delete from tokens where token = ?",
-                                   [(e.token,) for e in found])
-                    out.extend(found)
-                if out:
-                    tx.execute("insert into meta values ('erasure_epoch', '1') on conflict "
-                               "(key) do update set value = cast(value as integer) + 1")
-        finally:
-            db.execute("pragma secure_delete=off")
+        out: list[Erasure] = []
+        journal_changed = False
+        with self._tx() as tx:
+            for i in range(0, len(keys), _CHUNK):
+                chunk = list(keys[i : i + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                rows = tx.execute(
+                    f"select token, kind from tokens where domain = ? and {column} in "
+                    f"({marks})", (domain, *chunk)).fetchall()
+                # The journal has no index but its rowid: a scan (erasures are rare).
+                recent = tx.execute(
+                    f"select token, kind, seq from journal where domain = ? and {column} "
+                    f"in ({marks})", (domain, *chunk)).fetchall()
+                if not rows and not recent:
+                    continue
+                found = [Erasure(t, domain, k, at)
+                         for t, k in [*rows, *((t, k) for t, k, _s in recent)]]
+                tx.executemany("insert into erased values (?, ?, ?, ?)",
+                               [(e.token, e.domain, e.kind, e.erased_at) for e in found])
+                tx.executemany("delete from tokens where token = ?",
+                               [(t,) for t, _k in rows])
+                out.extend(found)
+                if recent:
+                    tx.executemany("delete from journal where seq = ?",
+                                   [(seq,) for _t, _k, seq in recent])
+                    journal_changed = True
+            if journal_changed:
+                # Processes drop their index of the journal (it names erased tokens).
+                tx.execute("insert into meta values ('journal_epoch', '1') on conflict "
+                           "(key) do update set value = cast(value as integer) + 1")
+            if out:
+                tx.execute("insert into meta values ('erasure_epoch', '1') on conflict "
+                           "(key) do update set value = cast(value as integer) + 1")
         return out
 
     def record_erasures(self, erasures: Sequence[Erasure]) -> None:
@@ -598,9 +794,11 @@ class SQLiteStore(VaultStore):
         return {
             "vault": self.url,
             "tokens": {f"{d} ({k})": n for d, k, n in self._read(
-                "select domain, kind, count(*) from tokens group by 1, 2 order by 1, 2")},
+                f"select domain, kind, count(*) from {_ALL_TOKENS} group by 1, 2 "
+                "order by 1, 2")},
             "key_versions": {str(v): n for v, n in self._read(
-                "select key_version, count(*) from tokens group by 1 order by 1")},
+                f"select key_version, count(*) from {_ALL_TOKENS} group by 1 order by 1")},
+            "journal": self._read("select count(*) from journal")[0][0],
             "erased": self._read("select count(*) from erased")[0][0],
             "principals": len(self.principals()),
             "tokenize_grants": len(self.tokenize_grants()),
@@ -640,10 +838,14 @@ def _create_directory(path: Path) -> None:
 
 
 def open_store(url: str, *, keys: str | None = None, create: bool = False) -> SQLiteStore:
-    """``sqlite:///path[?synchronous=full|normal&cache_mib=64&mmap_mib=1024]``; `keys` is
+    """``sqlite:///path[?synchronous=full|normal&cache_mib=64&mmap_mib=1024&journal_rows=N]``;
+    `keys` is
     ``DEID_KEYS`` when the host has it (else the key file beside the vault)."""
-    parsed = parse_vault_url(url, "SQLite", known=("synchronous", "cache_mib", "mmap_mib"))
+    parsed = parse_vault_url(url, "SQLite", known=("synchronous", "cache_mib", "mmap_mib",
+                                                   "journal_rows"))
     return SQLiteStore(sqlite_path(url), create=create,
+                       journal_rows=parsed.integer("journal_rows", DEFAULT_JOURNAL_ROWS, lo=1,
+                                                   hi=1 << 24),
                        synchronous=(parsed.text("synchronous") or "full").lower(),
                        cache_mib=parsed.integer("cache_mib", 64, lo=0, hi=1 << 20),
                        mmap_mib=parsed.integer("mmap_mib", 1024, lo=0, hi=1 << 20),
