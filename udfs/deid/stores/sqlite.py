@@ -202,6 +202,7 @@ class SQLiteStore(VaultStore):
         self._journal_rows = journal_rows
         self._journal = _JournalIndex(-1)
         self._journal_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         if create:
             _create_directory(self.path)
         elif not self.path.is_file():
@@ -264,6 +265,18 @@ class SQLiteStore(VaultStore):
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        if not write:
+            with self._begun(write) as db:
+                yield db
+            return
+        # Threads of this process queue here, woken as soon as the writer ahead commits:
+        # SQLite's busy handler would have them sleep and poll (up to 100 ms a time), which
+        # cost DuckDB's second thread most of a first build.
+        with self._write_lock, self._begun(write) as db:
+            yield db
+
+    @contextmanager
+    def _begun(self, write: bool) -> Iterator[sqlite3.Connection]:
         db = self._db()
         try:
             db.execute("begin immediate" if write else "begin")
