@@ -1,6 +1,7 @@
 """The SQLite vault's journal: new records are appended (cheap commits), indexed in memory by
-each process, and merged into the indexed table in token order. Every store below stands for
-another process: it has its own connection and its own index of the journal."""
+each process, and merged in token order into `recent`, which merges into `tokens` when full.
+Every store below stands for another process: it has its own connection and its own index of
+the journal."""
 
 from __future__ import annotations
 
@@ -18,16 +19,19 @@ from deid.stores.sqlite import SQLiteStore, _JournalIndex
 VALUES = [f"person{i}@example.com" for i in range(300)]
 
 
-def _service(path: Path, journal_rows: int = 1_000_000) -> VaultTokenService:
-    return VaultTokenService(SQLiteStore(path, create=True, journal_rows=journal_rows),
+def _service(path: Path, journal_rows: int = 1_000_000,
+             recent_rows: int | None = None) -> VaultTokenService:
+    return VaultTokenService(SQLiteStore(path, create=True, journal_rows=journal_rows,
+                                         recent_rows=recent_rows),
                              cache_size=0, detokenize_cache_size=0)
 
 
-def _counts(path: Path) -> tuple[int, int]:
+def _counts(path: Path) -> tuple[int, int, int]:
+    """Records in tokens, recent, journal."""
     db = sqlite3.connect(path)
     try:
-        return (db.execute("select count(*) from tokens").fetchone()[0],
-                db.execute("select count(*) from journal").fetchone()[0])
+        return tuple(db.execute(f"select count(*) from {t}").fetchone()[0]  # type: ignore[return-value]
+                     for t in ("tokens", "recent", "journal"))
     finally:
         db.close()
 
@@ -39,18 +43,21 @@ def test_a_writer_whose_index_is_behind_still_converges(vault_path: Path) -> Non
     assert b.tokenize("email", ["someone.else@example.com"])  # b's index is now built
     token = a.tokenize("email", ["shared@example.com"])[0]
     assert b.tokenize("email", ["shared@example.com"]) == [token]
-    # The same across a merge, which empties the journal under b's index.
+    # The same across merges, which empty the journal under b's index.
     a.store.merge_journal()  # type: ignore[attr-defined]
+    assert b.tokenize("email", ["shared@example.com"]) == [token]
+    a.store.merge_journal(down=True)  # type: ignore[attr-defined]
     assert b.tokenize("email", ["shared@example.com"]) == [token]
     b.store.grant("p", "test")
     assert b.detokenize([token], principal="p") == ["shared@example.com"]
 
 
 def test_tokens_and_values_survive_merges(vault_path: Path) -> None:
-    svc = _service(vault_path, journal_rows=64)
+    svc = _service(vault_path, journal_rows=64, recent_rows=128)
     tokens = [t for i in range(0, 300, 50) for t in svc.tokenize("email", VALUES[i : i + 50])]
-    in_tokens, in_journal = _counts(vault_path)
-    assert in_tokens + in_journal == 300 and in_tokens >= 256 and in_journal < 64
+    in_tokens, in_recent, in_journal = _counts(vault_path)
+    # 50 per batch: the journal merges at 100, 200, 300; recent reaches 128 at 200.
+    assert (in_tokens, in_recent, in_journal) == (200, 100, 0)
     other = _service(vault_path, journal_rows=64)
     assert other.tokenize("email", VALUES) == tokens
     other.store.grant("p", "test")
@@ -64,7 +71,7 @@ def test_threads_with_their_own_stores_converge_across_merges(vault_path: Path) 
     barrier = threading.Barrier(4)
 
     def work(offset: int) -> None:
-        svc = _service(vault_path, journal_rows=97)
+        svc = _service(vault_path, journal_rows=97, recent_rows=150)
         barrier.wait()
         # Overlapping, differently ordered batches: every value is raced for.
         mine = VALUES[offset:] + VALUES[:offset]
@@ -78,12 +85,13 @@ def test_threads_with_their_own_stores_converge_across_merges(vault_path: Path) 
         t.join()
     assert len(results) == 4 and all(r == results[0] for r in results)
     assert len(set(results[0])) == 300
-    assert sum(_counts(vault_path)) == 300
+    counts = _counts(vault_path)
+    assert sum(counts) == 300 and counts[0] > 0  # every level was used
 
 
 def _mint(args: tuple[str, int]) -> list[str | None]:
     path, offset = args
-    svc = _service(Path(path), journal_rows=101)
+    svc = _service(Path(path), journal_rows=101, recent_rows=150)
     mine = VALUES[offset:] + VALUES[:offset]
     got = [t for i in range(0, 300, 30) for t in svc.tokenize("email", mine[i : i + 30])]
     return got[300 - offset :] + got[: 300 - offset]
@@ -95,7 +103,8 @@ def test_processes_converge_across_merges(vault_path: Path) -> None:
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         results = pool.map(_mint, [(str(vault_path), k * 100) for k in range(3)])
     assert all(r == results[0] for r in results) and len(set(results[0])) == 300
-    assert sum(_counts(vault_path)) == 300
+    counts = _counts(vault_path)
+    assert sum(counts) == 300 and counts[0] > 0
 
 
 def test_an_erasure_in_the_journal_reaches_every_index(vault_path: Path) -> None:
@@ -124,11 +133,14 @@ def test_a_snapshot_older_than_the_index_reads_the_journal_itself(vault_path: Pa
     assert token is not None and token in store.fetch_values([token])
 
 
-def test_rewrap_reaches_records_in_both_tables(vault_path: Path) -> None:
+def test_rewrap_reaches_records_at_every_level(vault_path: Path) -> None:
     svc = _service(vault_path)
-    old = svc.tokenize("email", VALUES[:100])
+    old = svc.tokenize("email", VALUES[:60])
+    svc.store.merge_journal(down=True)  # type: ignore[attr-defined]
+    old += svc.tokenize("email", VALUES[60:100])
     svc.store.merge_journal()  # type: ignore[attr-defined]
     new = svc.tokenize("email", VALUES[100:200])
+    assert _counts(vault_path) == (60, 40, 100)
     ring, _made = svc.store.rotate_keyring(svc.keyring.current)
     moved = 0
     for batch in svc.store.iter_values(37):

@@ -60,7 +60,14 @@ _CHUNK = 2000
 DEFAULT_JOURNAL_ROWS = 262_144
 # Every record, wherever it is now (for counts, not for the hot paths).
 _ALL_TOKENS = ("(select domain, kind, key_version from tokens union all "
+               "select domain, kind, key_version from recent union all "
                "select domain, kind, key_version from journal)")
+# The indexed levels, newest first: the journal merges into `recent`, which merges into
+# `tokens` once it holds RECENT_PER_JOURNAL journals' worth. A merge rewrites about every
+# leaf page of the level it merges into (random keys), so a bounded `recent` keeps the
+# frequent merge's cost bounded however large `tokens` grows.
+_LEVELS = ("recent", "tokens")
+RECENT_PER_JOURNAL = 16
 
 
 class _JournalIndex:
@@ -86,6 +93,15 @@ create table if not exists tokens (
     ciphertext blob not null
 ) without rowid;
 create unique index if not exists tokens_by_fingerprint on tokens (domain, fingerprint);
+create table if not exists recent (
+    token text primary key,
+    domain text not null,
+    fingerprint blob not null,
+    kind text not null,
+    key_version integer not null,
+    ciphertext blob not null
+) without rowid;
+create unique index if not exists recent_by_fingerprint on recent (domain, fingerprint);
 create table if not exists journal (
     seq integer primary key autoincrement,
     token text not null,
@@ -103,6 +119,9 @@ create table if not exists erased (
 ) without rowid;
 create index if not exists erased_by_time on erased (erased_at);
 create trigger if not exists tokens_never_reissue_erased before insert on tokens
+    when exists (select 1 from erased where token = new.token)
+    begin select raise(ignore); end;
+create trigger if not exists recent_never_reissue_erased before insert on recent
     when exists (select 1 from erased where token = new.token)
     begin select raise(ignore); end;
 create table if not exists principals (
@@ -187,7 +206,8 @@ class SQLiteStore(VaultStore):
     def __init__(self, path: Path, *, create: bool = False, busy_timeout_s: float = 60.0,
                  synchronous: str = "full", cache_mib: int = 64, mmap_mib: int = 1024,
                  forward_audit: bool = True, keys: str | None = None,
-                 journal_rows: int = DEFAULT_JOURNAL_ROWS) -> None:
+                 journal_rows: int = DEFAULT_JOURNAL_ROWS,
+                 recent_rows: int | None = None) -> None:
         if synchronous not in ("full", "normal"):
             raise ConfigError("deid vault: synchronous must be 'full' (every commit reaches the "
                               "disk) or 'normal' (survives a process crash, not a power loss)")
@@ -200,6 +220,7 @@ class SQLiteStore(VaultStore):
         self._mmap_bytes = int(mmap_mib) * 1024 * 1024
         self._local = threading.local()
         self._journal_rows = journal_rows
+        self._recent_rows = recent_rows or RECENT_PER_JOURNAL * journal_rows
         self._journal = _JournalIndex(-1)
         self._journal_lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -443,9 +464,13 @@ class SQLiteStore(VaultStore):
                 found.update(self._select_in(
                     db, "select fingerprint, token from journal where domain = ? and "
                     "fingerprint in", (domain,), fingerprints))
-            found.update(self._select_in(
-                db, "select fingerprint, token from tokens where domain = ? and fingerprint in",
-                (domain,), [fp for fp in rest if fp not in found]))
+            for level in _LEVELS:
+                rest = [fp for fp in rest if fp not in found]
+                if not rest:
+                    break
+                found.update(self._select_in(
+                    db, f"select fingerprint, token from {level} where domain = ? and "
+                    "fingerprint in", (domain,), rest))
             return found
 
     def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
@@ -468,15 +493,16 @@ class SQLiteStore(VaultStore):
                 recent = index.by_fingerprint.get(domain, {})
                 fps = [r.fingerprint for r in records if r.domain == domain]
                 winners.update((fp, recent[fp]) for fp in fps if fp in recent)
-                winners.update(self._select_in(
-                    db, "select fingerprint, token from tokens where domain = ? and "
-                    "fingerprint in", (domain,), [fp for fp in fps if fp not in winners]))
+                for level in _LEVELS:
+                    winners.update(self._select_in(
+                        db, f"select fingerprint, token from {level} where domain = ? and "
+                        "fingerprint in", (domain,), [fp for fp in fps if fp not in winners]))
             fresh = [r for r in records if r.fingerprint not in winners]
             proposed = [r.token for r in fresh]
-            taken = {t for (t,) in self._select_in(
-                db, "select token from tokens where token in", (), proposed)}
-            taken.update(t for (t,) in self._select_in(
-                db, "select token from erased where token in", (), proposed))
+            taken: set[str] = set()
+            for table in (*_LEVELS, "erased"):
+                taken.update(t for (t,) in self._select_in(
+                    db, f"select token from {table} where token in", (), proposed))
             taken.update(t for t in proposed if t in index.by_token)
             new: list[NewRecord] = []
             for r in fresh:
@@ -500,21 +526,26 @@ class SQLiteStore(VaultStore):
         self._learn(epoch, after, last, new, merged)
         return winners
 
-    @staticmethod
-    def _merge(db: sqlite3.Connection) -> None:
-        """Move the journal into `tokens` in token order (inside the caller's transaction)."""
-        db.execute("insert into tokens select token, domain, fingerprint, kind, key_version, "
+    def _merge(self, db: sqlite3.Connection, *, down: bool = False) -> None:
+        """Move the journal into `recent`, and `recent` into `tokens` when it is full (or
+        `down`), in token order (sorted inserts dirty each page once), inside the caller's
+        transaction."""
+        db.execute("insert into recent select token, domain, fingerprint, kind, key_version, "
                    "ciphertext from journal order by token")
         db.execute("delete from journal")
         db.execute("insert into meta values ('journal_epoch', '1') on conflict (key) do "
                    "update set value = cast(value as integer) + 1")
+        if down or db.execute("select count(*) from recent").fetchone()[0] >= self._recent_rows:
+            db.execute("insert into tokens select token, domain, fingerprint, kind, "
+                       "key_version, ciphertext from recent order by token")
+            db.execute("delete from recent")
 
-    def merge_journal(self) -> int:
-        """Move every journal record into `tokens` now; return how many moved."""
+    def merge_journal(self, *, down: bool = False) -> int:
+        """Merge the journal now (and `recent` into `tokens` if `down`); return how many
+        journal records moved."""
         with self._tx() as db:
             n = db.execute("select count(*) from journal").fetchone()[0]
-            if n:
-                self._merge(db)
+            self._merge(db, down=down)
         return int(n)
 
     def fetch_values(self, tokens: Sequence[str]) -> dict[str, StoredValue]:
@@ -532,17 +563,22 @@ class SQLiteStore(VaultStore):
                                                             if t in recent])
             for token, version, blob in rows:
                 out[token] = StoredValue(version, blob)
-            rest = [t for t in tokens if t not in out] if out else tokens
-            for token, version, blob in self._select_in(
-                    db, "select token, key_version, ciphertext from tokens where token in", (),
-                    rest):
-                out[token] = StoredValue(version, blob)
+            rest: Sequence[str] = tokens
+            for level in _LEVELS:
+                rest = [t for t in rest if t not in out]
+                if not rest:
+                    break
+                for token, version, blob in self._select_in(
+                        db, f"select token, key_version, ciphertext from {level} where token in",
+                        (), rest):
+                    out[token] = StoredValue(version, blob)
         return out
 
     def iter_values(self, batch_size: int = 10_000) -> Iterator[list[tuple[str, StoredValue]]]:
         # Each table in the order of its own key; a record merged meanwhile may be seen
         # twice or not at all, so callers loop until nothing is left to do (keys rewrap).
-        for table, key, first in (("tokens", "token", ""), ("journal", "seq", 0)):
+        for table, key, first in (("tokens", "token", ""), ("recent", "token", ""),
+                                  ("journal", "seq", 0)):
             last: Any = first
             while True:
                 rows = self._read(
@@ -559,11 +595,12 @@ class SQLiteStore(VaultStore):
             assert index is not None
             seq = index.by_token
             before = db.total_changes
-            # A record is in one of the two tables (a merge runs under this same write lock).
-            db.executemany("update tokens set key_version = ?, ciphertext = ? where token = ? "
-                           "and key_version = ? and ciphertext = ?",
-                           [(new.key_version, new.ciphertext, t, old.key_version, old.ciphertext)
-                            for t, old, new in rows if t not in seq])
+            # A record is in one of the tables (a merge runs under this same write lock).
+            for level in _LEVELS:
+                db.executemany(f"update {level} set key_version = ?, ciphertext = ? where "
+                               "token = ? and key_version = ? and ciphertext = ?",
+                               [(new.key_version, new.ciphertext, t, old.key_version,
+                                 old.ciphertext) for t, old, new in rows if t not in seq])
             db.executemany("update journal set key_version = ?, ciphertext = ? where seq = ? "
                            "and key_version = ? and ciphertext = ?",
                            [(new.key_version, new.ciphertext, seq[t], old.key_version,
@@ -591,9 +628,9 @@ class SQLiteStore(VaultStore):
             for i in range(0, len(keys), _CHUNK):
                 chunk = list(keys[i : i + _CHUNK])
                 marks = ",".join("?" * len(chunk))
-                rows = tx.execute(
-                    f"select token, kind from tokens where domain = ? and {column} in "
-                    f"({marks})", (domain, *chunk)).fetchall()
+                rows = [(level, t, k) for level in _LEVELS for t, k in tx.execute(
+                    f"select token, kind from {level} where domain = ? and {column} in "
+                    f"({marks})", (domain, *chunk)).fetchall()]
                 # The journal has no index but its rowid: a scan (erasures are rare).
                 recent = tx.execute(
                     f"select token, kind, seq from journal where domain = ? and {column} "
@@ -601,11 +638,13 @@ class SQLiteStore(VaultStore):
                 if not rows and not recent:
                     continue
                 found = [Erasure(t, domain, k, at)
-                         for t, k in [*rows, *((t, k) for t, k, _s in recent)]]
+                         for t, k in [*((t, k) for _l, t, k in rows),
+                                      *((t, k) for t, k, _s in recent)]]
                 tx.executemany("insert into erased values (?, ?, ?, ?)",
                                [(e.token, e.domain, e.kind, e.erased_at) for e in found])
-                tx.executemany("delete from tokens where token = ?",
-                               [(t,) for t, _k in rows])
+                for level in _LEVELS:
+                    tx.executemany(f"delete from {level} where token = ?",
+                                   [(t,) for at_level, t, _k in rows if at_level == level])
                 out.extend(found)
                 if recent:
                     tx.executemany("delete from journal where seq = ?",
