@@ -67,7 +67,11 @@ _ALL_TOKENS = ("(select domain, kind, key_version from tokens union all "
 # leaf page of the level it merges into (random keys), so a bounded `recent` keeps the
 # frequent merge's cost bounded however large `tokens` grows.
 _LEVELS = ("recent", "tokens")
-RECENT_PER_JOURNAL = 16
+RECENT_PER_JOURNAL = 8
+# A merge inserts at random keys in one of each level's two B-trees; a page cache of this
+# size during the merge (then given back) keeps those pages in memory: 1.6x faster for
+# 4 M records than the default 64 MiB.
+_MERGE_CACHE_KIB = 256 * 1024
 
 
 class _JournalIndex:
@@ -530,15 +534,20 @@ class SQLiteStore(VaultStore):
         """Move the journal into `recent`, and `recent` into `tokens` when it is full (or
         `down`), in token order (sorted inserts dirty each page once), inside the caller's
         transaction."""
-        db.execute("insert into recent select token, domain, fingerprint, kind, key_version, "
-                   "ciphertext from journal order by token")
-        db.execute("delete from journal")
-        db.execute("insert into meta values ('journal_epoch', '1') on conflict (key) do "
-                   "update set value = cast(value as integer) + 1")
-        if down or db.execute("select count(*) from recent").fetchone()[0] >= self._recent_rows:
-            db.execute("insert into tokens select token, domain, fingerprint, kind, "
-                       "key_version, ciphertext from recent order by token")
-            db.execute("delete from recent")
+        db.execute(f"pragma cache_size=-{max(self._cache_kib, _MERGE_CACHE_KIB)}")
+        try:
+            db.execute("insert into recent select token, domain, fingerprint, kind, "
+                       "key_version, ciphertext from journal order by token")
+            db.execute("delete from journal")
+            db.execute("insert into meta values ('journal_epoch', '1') on conflict (key) do "
+                       "update set value = cast(value as integer) + 1")
+            full = db.execute("select count(*) from recent").fetchone()[0] >= self._recent_rows
+            if down or full:
+                db.execute("insert into tokens select token, domain, fingerprint, kind, "
+                           "key_version, ciphertext from recent order by token")
+                db.execute("delete from recent")
+        finally:
+            db.execute(f"pragma cache_size=-{self._cache_kib}")
 
     def merge_journal(self, *, down: bool = False) -> int:
         """Merge the journal now (and `recent` into `tokens` if `down`); return how many
