@@ -180,3 +180,21 @@ def test_a_vault_from_a_newer_deid_is_refused(vault_path: Path) -> None:
     db.close()
     with pytest.raises(ConfigError, match=r"schema version 99.*upgrade deid"):
         SQLiteStore(vault_path)
+
+
+def test_a_vault_of_the_previous_schema_keeps_its_tokens(vault_path: Path) -> None:
+    """A vault written before the journal: every record in `tokens`, no journal tables."""
+    svc = _service(vault_path)
+    tokens = svc.tokenize("email", VALUES[:50])
+    svc.store.merge_journal(down=True)  # type: ignore[attr-defined]
+    svc.store.close()
+    db = sqlite3.connect(vault_path)
+    db.executescript("drop table journal; drop table recent; "
+                     "update meta set value = '1' where key = 'schema_version';")
+    db.close()
+    upgraded = _service(vault_path)
+    assert upgraded.tokenize("email", VALUES[:60])[:50] == tokens
+    assert _counts(vault_path) == (50, 0, 10)
+    db = sqlite3.connect(vault_path)
+    assert db.execute("select value from meta where key = 'schema_version'").fetchone() == ("2",)
+    db.close()
