@@ -81,6 +81,35 @@ def test_detokenize_follows_the_principal(service: VaultTokenService, tmp_path: 
     assert outcomes == ["denied", "allowed"]
 
 
+def test_detokenize_through_arrow_keeps_nulls_repeats_and_row_numbers(
+        service: VaultTokenService) -> None:
+    """The host hands each distinct token to the vault once and maps the answers back in
+    Arrow: NULL stays NULL, repeats get their value, the audit counts rows, and a bad token
+    fails the query naming its row within the vector, never the token."""
+    a, b = service.tokenize("email", ["a@example.com", "b@example.com"])
+    service.store.grant("reader", "test")
+    reader = duckdb.connect(config={"threads": 1})
+    register(reader, service, "reader")
+    rows = [a, None, b, a, a, None, b]
+    reader.execute("create table m as select * from (select unnest(?) t, "
+                   "generate_subscripts(?, 1) i) order by i", [rows, rows])
+    assert [r[0] for r in reader.sql("select deid.detokenize(t) from m order by i").fetchall()] \
+        == [None if t is None else ("a@example.com" if t == a else "b@example.com")
+            for t in rows]
+    (record,) = [r for r in service.store.audit_records() if r["action"] == "detokenize"]
+    assert record["count"] == 5 and record["kinds"] == {"email": 5}
+    for bad, row, what in (("q" * 24 + "@deid.invalid", 4, "never issued"),
+                           ("hello", 4, "not a deid token"), (b, 3, "erased")):
+        if bad == b:
+            reader.execute("update m set t = ? where i = 4", [a])
+            service.forget("email", values=["b@example.com"], principal="admin")
+        else:
+            reader.execute("update m set t = ? where i = 4", [bad])
+        with pytest.raises(duckdb.Error, match=f"row {row} of the batch .*{what}") as exc:
+            reader.sql("select deid.detokenize(t) from m order by i").fetchall()
+        assert bad not in str(exc.value)
+
+
 def test_tokenize_follows_the_profile_principal(service: VaultTokenService) -> None:
     """Deny by default; a look-up-only principal gets existing tokens and fails (audited) on
     a value the vault has never seen, so it cannot mint its guesses."""

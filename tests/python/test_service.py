@@ -359,3 +359,52 @@ def test_fingerprints_are_hmac_sha256_of_domain_and_match_key() -> None:
                                     + k.encode("utf-8", "surrogatepass"), "sha256")
                         for k in keys]
             assert fingerprints_under(key, domain, keys) == expected
+
+
+def test_batch_encryption_reads_and_writes_the_per_record_format() -> None:
+    """Records sealed by the batch path open with the per-record path and the other way
+    round (same nonce ‖ ciphertext layout, same token-bound AAD), under any key version;
+    a record moved to another token fails either way."""
+    from deid.keys import (
+        FileKeyring,
+        decrypt_many,
+        decrypt_under,
+        encrypt_many,
+        encrypt_under,
+    )
+
+    ring = FileKeyring.generate().rotated()  # current version 2
+    tokens = ["a" * 24 + "@deid.invalid", "+999000000000001", "name_" + "b" * 24, "str_x"]
+    values = ["a@example.com", "+12125550142", "Zoë  O\u2019Brien", "\udcff lone surrogate"]
+    versions, blobs = encrypt_many(ring, tokens, values)
+    assert versions == [2] * 4 and len({b[:12] for b in blobs}) == 4  # a nonce per record
+    assert [decrypt_under(ring._aead[2], 2, t, b, "k")
+            for t, b in zip(tokens, blobs, strict=True)] == values
+    old = [encrypt_under(ring._aead[1], 1, t, v)[1] for t, v in zip(tokens, values, strict=True)]
+    assert decrypt_many(ring, 1, tokens, old) == values
+    with pytest.raises(VaultKeyError, match="failed authentication"):
+        decrypt_many(ring, 2, tokens[::-1], blobs)
+    with pytest.raises(VaultKeyError, match="failed authentication"):
+        decrypt_many(ring, 2, tokens, old)  # sealed under version 1, not 2
+    with pytest.raises(VaultKeyError, match="key version 7 is not in"):
+        decrypt_many(ring, 7, tokens, blobs)
+
+
+def test_detokenize_counted_audits_rows_and_names_the_hosts_row(
+        service: VaultTokenService) -> None:
+    """A host that counted its batch passes each token once: the audit counts rows, an
+    error names the row the host says, and a batch of mixed kinds is counted per kind."""
+    email, phone = service.tokenize("email", ["a@example.com"])[0], \
+        service.tokenize("phone", ["2125550142"])[0]
+    service.store.grant("p", "test")
+    assert service.detokenize_counted([email, phone], [3, 2], principal="p",
+                                      first_row=lambda bad: 99) == ["a@example.com",
+                                                                    "+12125550142"]
+    with pytest.raises(UnknownTokenError, match="row 42 of the batch") as exc:
+        service.detokenize_counted([email, "x" * 24 + "@deid.invalid"], [1, 4], principal="p",
+                                   first_row=lambda bad: 42 if bad == ["x" * 24
+                                                                       + "@deid.invalid"] else 0)
+    assert "x" * 24 not in str(exc.value)
+    records = [r for r in service.store.audit_records() if r["action"] == "detokenize"]
+    assert [(r["count"], r["kinds"]) for r in records] == [
+        (5, {"email": 3, "phone": 2}), (5, {"email": 5})]

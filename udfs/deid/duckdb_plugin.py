@@ -43,7 +43,7 @@ from duckdb import func
 from duckdb.sqltypes import UBIGINT, VARCHAR
 
 from .errors import DeidError, InvalidKindError
-from .service import TokenService
+from .service import TokenService, VaultTokenService
 from .vault import VaultConfig, anchored, open_service
 
 try:  # the plugin base class exists only where dbt-duckdb is installed
@@ -112,9 +112,33 @@ def register(conn: duckdb.DuckDBPyConnection,
         # One transaction id per query: the vault audits every vector under it, and makes
         # the query's first record durable before any of its values leave (see SQLiteStore).
         txid = txids[0].as_py() if len(txids) else None
-        return pa.array(factory().detokenize(tokens.to_pylist(), principal=principal,
-                                             query_id=f"duckdb:{tag}:{txid}", host="duckdb"),
-                        type=pa.string())
+        query_id = f"duckdb:{tag}:{txid}"
+        service = factory()
+        if not isinstance(service, VaultTokenService):
+            return pa.array(service.detokenize(tokens.to_pylist(), principal=principal,
+                                               query_id=query_id, host="duckdb"),
+                            type=pa.string())
+        # Rows to distinct tokens and back in Arrow's C code: Python sees each distinct
+        # token once, and a vector without repeats skips the counting.
+        encoded = pc.dictionary_encode(tokens.combine_chunks()
+                                       if isinstance(tokens, pa.ChunkedArray) else tokens)
+        distinct = encoded.dictionary
+        if len(distinct) == len(encoded) - encoded.null_count:
+            counts: list[int] = [1] * len(distinct)
+        else:
+            # value_counts lists indices in an order of its own: sort them back.
+            tally = pc.value_counts(pc.drop_null(encoded.indices))
+            counts = pc.take(tally.field("counts"),
+                             pc.sort_indices(tally.field("values"))).to_pylist()
+
+        def first_row(bad: list[str]) -> int:
+            hit = pc.is_in(tokens, value_set=pa.array(bad, type=pa.string()))
+            return int(pc.index(hit, True).as_py()) + 1
+
+        values = service.detokenize_counted(distinct.to_pylist(), counts, principal=principal,
+                                            first_row=first_row, query_id=query_id,
+                                            host="duckdb")
+        return pc.take(pa.array(values, type=pa.string()), encoded.indices)
 
     _create(conn, "__deid_tokenize", tokenize, [VARCHAR, VARCHAR], side_effects=False)
     # Detokenize audits every call: never constant-folded or deduplicated away.

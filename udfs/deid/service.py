@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from itertools import compress, repeat
-from operator import is_
+from operator import attrgetter, is_
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from . import _audit
+from . import keys as _keys
 from . import kinds as _kinds
 from ._cache import BoundedCache
 from ._policy import Gate
@@ -39,6 +41,32 @@ DEFAULT_CACHE_SIZE = 1_000_000
 # How stale a long-lived process's tokenize cache may be after an erasure elsewhere (s).
 DEFAULT_ERASURE_CHECK_S = 1.0
 _MAX_COLLISION_RETRIES = 8
+
+
+_KEY_VERSION = attrgetter("key_version")
+_CIPHERTEXT = attrgetter("ciphertext")
+
+
+def _classify(distinct: list[Any], counts: Sequence[int], cached: list[str | None],
+              need: list[Any]) -> tuple[Counter[str], list[Any]]:
+    """(rows per kind, the tokens that are not deid tokens) for an audit record. A cached
+    token was validated when it was fetched: only its kind is needed; the others are checked
+    against their kind's format. Tokens of one kind told by a prefix or suffix (a column of
+    one kind) take C-level passes; anything else goes token by token."""
+    kinds: Counter[str] = Counter()
+    if all(map(isinstance, need, repeat(str))):
+        common = _kinds.common_kind(distinct)
+        if common is not None and all(map(common.token_pattern.fullmatch, need)):
+            kinds[common.name] = sum(counts)
+            return kinds, []
+    malformed = []
+    for t, n, v in zip(distinct, counts, cached, strict=True):
+        k = _kinds.kind_of_token(t, validate=v is None) if isinstance(t, str) else None
+        if k is None:
+            malformed.append(t)
+        else:
+            kinds[k.name] += n
+    return kinds, malformed
 
 
 def _first_row(tokens: list[str | None], bad: list[Any]) -> int:
@@ -303,55 +331,60 @@ class VaultTokenService:
         counts = Counter(tokens)  # the work below is per distinct token, not per row
         counts.pop(None, None)
         distinct = list(counts)
+        values = self.detokenize_counted(distinct, list(counts.values()), principal=principal,
+                                         query_id=query_id, host=host,
+                                         first_row=partial(_first_row, tokens))
+        if len(distinct) == len(tokens):  # no NULL and no repeat: already in row order
+            return values  # type: ignore[return-value]
+        answer = dict(zip(distinct, values, strict=True))
+        return list(map(answer.get, tokens))
+
+    def detokenize_counted(self, distinct: list[str], counts: Sequence[int], *, principal: str,
+                           first_row: Callable[[list[Any]], int], query_id: str | None = None,
+                           host: str | None = None) -> list[str]:
+        """`detokenize` for a host that has already counted its batch: `distinct` holds each
+        non-NULL token once and `counts[i]` the rows that hold `distinct[i]`; returns the
+        values in the order of `distinct`. `first_row(bad)` is the 1-based row of the first
+        of the `bad` tokens in the host's batch, for an error message that names no token.
+        The same policy check, audit (rows, not distinct tokens) and erasure check."""
         cached = self._value_cache.lookup("values", distinct)
+        missing = cached.count(None)
         # Before a cached value is served, ask the vault whether anything was erased since
         # (tokens not in the cache are read from the vault anyway, which knows).
-        if any(v is not None for v in cached) and self._check_erasures(now=True):
-            cached = [None] * len(distinct)
-        values = dict(zip(distinct, cached, strict=True))
-        kinds: Counter[str] = Counter()
-        malformed = []
-        # Every token cached (so validated when fetched) and of one kind: one C-level pass.
-        common = _kinds.common_kind(distinct) if None not in cached else None
-        if common is not None:
-            kinds[common.name] = sum(counts.values())
-        for t, n in counts.items() if common is None else ():
-            # A cached token was validated when it was fetched: only its kind is needed.
-            k = _kinds.kind_of_token(t, validate=values[t] is None) \
-                if isinstance(t, str) else None
-            if k is None:
-                malformed.append(t)
-            else:
-                kinds[k.name] += n
-        self.gate.detokenize(principal, count=sum(counts.values()), kinds=kinds,
-                             query_id=query_id, host=host, rejected=bool(malformed))
+        if missing < len(distinct) and self._check_erasures(now=True):
+            cached, missing = [None] * len(distinct), len(distinct)
+        need = list(compress(distinct, map(is_, cached, repeat(None)))) if missing else []
+        kinds, malformed = _classify(distinct, counts, cached, need)
+        self.gate.detokenize(principal, count=sum(counts), kinds=kinds, query_id=query_id,
+                             host=host, rejected=bool(malformed))
         if malformed:
             raise UnknownTokenError(
-                f"deid.detokenize: row {_first_row(tokens, malformed)} of the batch is not a "
-                "deid token (the input is not shown)")
-
-        need = [t for t, v in values.items() if v is None] if common is None else []
-        if need:
-            if self._epoch is None:
-                # The epoch later checks compare with must predate what this call caches.
-                self._check_erasures(now=True)
-            stored = self.store.fetch_values(need)
+                f"deid.detokenize: row {first_row(malformed)} of the batch is not a deid "
+                "token (the input is not shown)")
+        if not need:
+            return cached  # type: ignore[return-value]
+        if self._epoch is None:
+            # The epoch later checks compare with must predate what this call caches.
+            self._check_erasures(now=True)
+        stored = self.store.fetch_values(need)
+        if len(stored) < len(need):
             unknown = [t for t in need if t not in stored]
-            if unknown:
-                erased = self.store.erased(unknown)
-                if erased:
-                    raise ErasedTokenError(
-                        f"deid.detokenize: row {_first_row(tokens, list(erased))} of the batch "
-                        "holds a token whose value was erased from the vault (deid forget); "
-                        "it can never be detokenized again (not shown)")
-                raise UnknownTokenError(
-                    f"deid.detokenize: row {_first_row(tokens, unknown)} of the batch holds a "
-                    "token this vault never issued (forged, truncated, or from another vault; "
-                    "not shown)")
-            fetched = [(t, self._decrypt(t, stored[t])) for t in need]
-            values.update(fetched)
-            self._value_cache.store("values", fetched)
-        return list(map(values.get, tokens))
+            erased = self.store.erased(unknown)
+            if erased:
+                raise ErasedTokenError(
+                    f"deid.detokenize: row {first_row(list(erased))} of the batch holds a "
+                    "token whose value was erased from the vault (deid forget); it can never "
+                    "be detokenized again (not shown)")
+            raise UnknownTokenError(
+                f"deid.detokenize: row {first_row(unknown)} of the batch holds a token this "
+                "vault never issued (forged, truncated, or from another vault; not shown)")
+        fetched = self._decrypt_many(need, list(map(stored.__getitem__, need)))
+        self._value_cache.store("values", list(zip(need, fetched, strict=True)))
+        if missing == len(distinct):
+            return fetched
+        values: dict[str, str | None] = dict(zip(distinct, cached, strict=True))
+        values.update(zip(need, fetched, strict=True))
+        return list(map(values.__getitem__, distinct))  # type: ignore[arg-type]
 
     # -- erasure ----------------------------------------------------------------------------
 
@@ -400,6 +433,20 @@ class VaultTokenService:
     def erasures(self, since: str | None = None) -> Iterator[Erasure]:
         """Tombstones of tokens erased at or after `since` (ISO 8601 UTC), oldest first."""
         return self.store.erasures(since)
+
+    def _decrypt_many(self, tokens: list[str], stored: list[StoredValue]) -> list[str]:
+        """Decrypt a batch: one pass per key version (almost always one)."""
+        versions = set(map(_KEY_VERSION, stored))
+        if len(versions) == 1:
+            (version,) = versions
+            blobs = list(map(_CIPHERTEXT, stored))
+            try:
+                return _keys.decrypt_many(self.keyring, version, tokens, blobs)
+            except VaultKeyError:
+                if version in self.keyring.versions:
+                    raise
+                # Keys were rotated by another process since this one loaded them: reload.
+        return [self._decrypt(t, v) for t, v in zip(tokens, stored, strict=True)]
 
     def _decrypt(self, token: str, value: StoredValue) -> str:
         try:
