@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -180,44 +181,72 @@ def test_a_library_error_reaches_duckdb_without_the_value(tmp_path: Path) -> Non
 
 def test_detokenize_audits_every_vector_and_syncs_each_querys_first_record(
         service: VaultTokenService, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every vector leaves a record under its query's id; the first record of each query is
-    committed with an fsync (synchronous FULL), later ones of the same query without."""
+    """Every vector leaves a record under its query's id; the first record of each query on
+    a vault connection is committed with an fsync (synchronous FULL), later ones of the same
+    query without, and the connection is left in FULL."""
     tokens = service.tokenize("email", [f"v{i}@example.com" for i in range(50)])
     service.store.grant("reader", "test")
-    reader = duckdb.connect(config={"threads": 1})  # one vault connection sees every call
+    reader = duckdb.connect(config={"threads": 1})  # one call at a time: inserts in log order
     register(reader, service, "reader")
     reader.execute("create table m as select t from (select unnest(?) t) cross join range(100)",
                    [tokens])
     before = len(list(service.store.audit_records()))
-    mode, modes = ["full"], []  # the synchronous mode in force at each audit insert
-
-    def trace(sql: str) -> None:
-        if sql.startswith("pragma synchronous="):
-            mode[0] = sql.split("=")[1]
-        elif sql.startswith("insert into audit"):
-            modes.append(mode[0])
-
+    inserts: list[tuple[int, str]] = []  # (connection, synchronous mode) at each audit insert
+    final: dict[int, str] = {}  # connection -> the synchronous mode it was left in
     connect = service.store._db  # type: ignore[attr-defined]
-    used = []
 
     def traced() -> sqlite3.Connection:
         db = connect()
-        db.set_trace_callback(trace)
-        used.append(db)
+        key = id(db)
+        if key not in final:
+            final[key] = "full"
+
+            def trace(sql: str) -> None:
+                if sql.startswith("pragma synchronous="):
+                    final[key] = sql.split("=")[1]
+                elif sql.startswith("insert into audit"):
+                    inserts.append((key, final[key]))
+
+            db.set_trace_callback(trace)
         return db
 
     monkeypatch.setattr(service.store, "_db", traced)
     for _ in range(2):
         assert reader.sql("select count(deid.detokenize(t)) from m").fetchall() == [(5000,)]
-    db = used[-1]
-    assert all(u is db for u in used)
-    db.set_trace_callback(None)
     records = list(service.store.audit_records())[before:]
     assert sum(r["count"] for r in records) == 10000 and len(records) >= 4
-    queries = [r["query_id"] for r in records]
-    assert len(set(queries)) == 2
-    assert modes == ["full" if queries.index(q) == i else "normal" for i, q in enumerate(queries)]
-    assert db.execute("pragma synchronous").fetchall() == [(2,)]  # FULL again
+    assert len({r["query_id"] for r in records}) == 2
+    assert len(inserts) == len(records)
+    firsts = {}
+    for i, ((db, _mode), r) in enumerate(zip(inserts, records, strict=True)):
+        firsts.setdefault((db, r["query_id"]), i)
+    assert [m for _db, m in inserts] == ["full" if i in firsts.values() else "normal"
+                                         for i in range(len(inserts))]
+    assert len(firsts) < len(records)  # later vectors of a query were not synced
+    assert set(final.values()) == {"full"}
+
+
+def test_duckdb_worker_threads_keep_their_vault_connections(
+        service: VaultTokenService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DuckDB runs a UDF on threads Python did not start, whose thread-local state lasts one
+    call: the vault's connection per thread must not be reopened for every vector."""
+    tokens = service.tokenize("email", [f"v{i}@example.com" for i in range(50)])
+    service.store.grant("reader", "test")
+    reader = duckdb.connect(config={"threads": 4})
+    register(reader, service, "reader")
+    reader.execute("create table m as select t from (select unnest(?) t) "
+                   "cross join range(2000)", [tokens])  # 100,000 rows: ~50 vectors
+    opened = []
+    connect = sqlite3.connect
+
+    def counting(*args: object, **kwargs: object) -> sqlite3.Connection:
+        opened.append(1)
+        return connect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite3, "connect", counting)
+    for _ in range(2):
+        assert reader.sql("select count(deid.detokenize(t)) from m").fetchall() == [(100000,)]
+    assert len(opened) <= (os.cpu_count() or 2)
 
 
 def _plugin(config: dict[str, object]) -> duckdb.DuckDBPyConnection:

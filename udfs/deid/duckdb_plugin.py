@@ -33,6 +33,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +151,30 @@ def register(conn: duckdb.DuckDBPyConnection,
                  "__deid_detokenize(token, txid_current())")
 
 
+# DuckDB calls a UDF on its own worker threads as well as on the thread that runs the query,
+# and Python gives a thread it did not start a new thread state for every call: state kept
+# per thread (a vault store's connection, its note of the query's first audit record) would
+# be rebuilt for every vector, a new SQLite connection and a synced audit record each time.
+# Every call runs on this pool of Python threads instead, whose state lasts.
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _worker_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                       thread_name_prefix="deid-udf")
+        return _pool
+
+
 def _guarded(action: str, body: Callable[..., pa.Array], *args: Any) -> pa.Array:
     """DuckDB puts a UDF's exception text in the query's error, which reaches dbt's log: a
     deid error is value-free by contract, any other may quote data, so it is reported by
     class only (as the Lambda and plpython3u hosts do)."""
     try:
-        return body(*args)
+        return _worker_pool().submit(body, *args).result()
     except DeidError:
         raise
     except Exception as exc:
