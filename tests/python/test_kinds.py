@@ -235,3 +235,33 @@ def test_common_kind_tells_one_kind_batches_and_refuses_mixtures() -> None:
     assert common_kind(emails + names) is None and common_kind([]) is None
     # SSN and card tokens are told apart by length, not a mark: the per-token path does them
     assert common_kind(KINDS["ssn"].new_tokens(2, ["", ""])) is None
+
+
+def test_the_email_batch_path_agrees_with_the_value_by_value_path() -> None:
+    """A batch of printable ASCII addresses is normalized in C-level passes; it gives what
+    each value's own normalization gives, and a batch it cannot take (non-ASCII, a control
+    character, a bad address, one too long) still fails at the right index with the reason."""
+    from deid.kinds import KINDS, _Invalid, normalize, normalize_many
+
+    email = KINDS["email"]
+    clean = [" Ann.Lee@Example.COM ", "bob@x.org", "c+tag@sub.example.co.uk"]
+    assert normalize_many(email, clean) == [normalize(email, v) for v in clean]
+    assert normalize_many(email, ["Zoë@Example.com", "A@B.CO"]) == [
+        ("zoë@example.com", "zoë@example.com"), ("a@b.co", "a@b.co")]
+    for bad, index, reason in ((["a@b.co", "not-an-address"], 1, "is not an email"),
+                               (["a@b.co", "a\x01@b.co"], 1, "control character"),
+                               (["a" * 250 + "@b.co"], 0, "longer than")):
+        with pytest.raises(_Invalid, match=reason) as exc:
+            normalize_many(email, bad)
+        assert exc.value.index == index
+
+
+def test_token_bodies_are_base32_and_use_every_character() -> None:
+    from deid.kinds import KINDS
+
+    for name in ("email", "name", "string"):
+        kind = KINDS[name]
+        tokens = kind.new_tokens(2000, [""] * 2000)
+        assert len(set(tokens)) == 2000 and all(map(kind.token_pattern.fullmatch, tokens))
+    body = "".join(t[:24] for t in KINDS["email"].new_tokens(2000, [""] * 2000))
+    assert set(body) == set("abcdefghijklmnopqrstuvwxyz234567")

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from itertools import compress, repeat
-from operator import attrgetter, is_
+from operator import attrgetter, eq, is_, itemgetter
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,6 +43,7 @@ DEFAULT_ERASURE_CHECK_S = 1.0
 _MAX_COLLISION_RETRIES = 8
 
 
+_CANONICAL, _MATCH_KEY = itemgetter(0), itemgetter(1)
 _KEY_VERSION = attrgetter("key_version")
 _CIPHERTEXT = attrgetter("ciphertext")
 
@@ -161,6 +162,11 @@ class TokenizeBatch:
             raise InvalidValueError(self.spec.name, str(exc),
                                     row=self.values.index(raws[exc.index]) + 1,
                                     column=self.column) from None
+        if all(map(eq, map(_CANONICAL, normalized), raws)) and \
+                all(map(eq, map(_MATCH_KEY, normalized), raws)):
+            # Every raw value is its own canonical form and match key (a clean column): one
+            # group per value, built in C-level passes.
+            return dict(zip(raws, zip(raws, [[r] for r in raws], strict=True), strict=True))
         out: dict[str, tuple[str, list[str]]] = {}
         for raw, (canonical, match_key) in zip(raws, normalized, strict=True):
             key = match_key if by == "match" else canonical
@@ -276,10 +282,9 @@ class VaultTokenService:
         """Encrypt and insert new records; if the vault refuses the key version (rotated by
         another process since this one loaded its keys), reload the keys and encrypt again."""
         for reloaded in (False, True):
-            ring = self.keyring
-            records = [NewRecord(spec.domain, fp, token, spec.name, *ring.encrypt(token, canonical))
-                       for fp, canonical, token in zip(fingerprints, canonicals, tokens,
-                                                       strict=True)]
+            versions, blobs = _keys.encrypt_many(self.keyring, tokens, canonicals)
+            records = list(map(NewRecord, repeat(spec.domain), fingerprints, tokens,
+                               repeat(spec.name), versions, blobs))
             try:
                 return self.store.insert_tokens(records)
             except StaleKeyVersionError:
