@@ -315,6 +315,20 @@ def test_bounded_cache_never_exceeds_capacity_and_keeps_recent_entries() -> None
     assert cache.lookup("other", [49_999]) == [None]  # namespaces never mix
 
 
+def test_bounded_cache_counts_each_entry_once_when_stored_again() -> None:
+    """Storing known keys again (every vector of a rebuild does) adds nothing: no rollover,
+    so nothing recent is dropped early; new keys still roll the generations over."""
+    cache = BoundedCache(1000)
+    for ns in ("a", "b"):
+        cache.store(ns, [(j, str(j)) for j in range(200)])
+    for _ in range(50):
+        cache.store("a", [(j, str(j)) for j in range(0, 200, 2)])
+    assert cache._hot_size == len(cache) == 400  # still one generation
+    cache.store("c", [(j, str(j)) for j in range(150)])
+    assert len(cache) <= 1000 and cache._hot_size < 500
+    assert cache.lookup("a", [0, 199]) == ["0", "199"]
+
+
 def test_service_cache_is_bounded(service: VaultTokenService, vault_path: Path) -> None:
     svc = fresh_service(vault_path, cache_size=100)
     svc.tokenize("string", [str(i) for i in range(5000)])

@@ -44,6 +44,12 @@ class BoundedCache:
             return
         with self._lock:
             hot = self._hot.setdefault(namespace, {})
+            if self._hot_size + len(items) < self._half:
+                # No rollover possible: one C-level update (hot path).
+                before = len(hot)
+                hot.update(items)
+                self._hot_size += len(hot) - before
+                return
             for k, v in items:
                 if k not in hot:
                     self._hot_size += 1

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from itertools import compress, repeat
-from operator import attrgetter, eq, is_, itemgetter
+from operator import attrgetter, is_, itemgetter
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -162,12 +162,12 @@ class TokenizeBatch:
             raise InvalidValueError(self.spec.name, str(exc),
                                     row=self.values.index(raws[exc.index]) + 1,
                                     column=self.column) from None
-        if all(map(eq, map(_CANONICAL, normalized), raws)) and \
-                all(map(eq, map(_MATCH_KEY, normalized), raws)):
-            # Every raw value is its own canonical form and match key (a clean column): one
-            # group per value, built in C-level passes.
-            return dict(zip(raws, zip(raws, [[r] for r in raws], strict=True), strict=True))
-        out: dict[str, tuple[str, list[str]]] = {}
+        canonicals = list(map(_CANONICAL, normalized))
+        keys = canonicals if by == "canonical" else list(map(_MATCH_KEY, normalized))
+        out = dict(zip(keys, zip(canonicals, [[r] for r in raws], strict=True), strict=True))
+        if len(out) == len(raws):
+            return out  # one spelling per key (the common case): built in C-level passes
+        out = {}
         for raw, (canonical, match_key) in zip(raws, normalized, strict=True):
             key = match_key if by == "match" else canonical
             entry = out.get(key)
