@@ -16,10 +16,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import attrgetter, is_, itemgetter
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from . import _audit
 from . import keys as _keys
@@ -43,7 +43,7 @@ DEFAULT_ERASURE_CHECK_S = 1.0
 _MAX_COLLISION_RETRIES = 8
 
 
-_CANONICAL, _MATCH_KEY = itemgetter(0), itemgetter(1)
+_CANONICAL, _MATCH_KEY, _SPELLINGS = itemgetter(0), itemgetter(1), itemgetter(1)
 _KEY_VERSION = attrgetter("key_version")
 _CIPHERTEXT = attrgetter("ciphertext")
 
@@ -274,7 +274,8 @@ class VaultTokenService:
             return batch.out
         by_match = batch.groups(by="match")
         tokens_by_match, minted = self._tokens_for(batch, by_match)
-        new_raws = batch.rows([raw for m in minted for raw in by_match[m][1]])
+        new_raws = batch.rows(list(chain.from_iterable(
+            map(_SPELLINGS, map(by_match.__getitem__, minted)))))
         return batch.finish(self._token_cache, by_match, tokens_by_match, new_raws=new_raws)
 
     def _insert(self, spec: _kinds.KindSpec, fingerprints: list[bytes], canonicals: list[str],
@@ -297,32 +298,42 @@ class VaultTokenService:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _tokens_for(self, batch: TokenizeBatch, by_match: dict[str, tuple[str, list[str]]]
-                    ) -> tuple[dict[str, str], set[str]]:
+                    ) -> tuple[dict[str, str], list[str]]:
         """(match key -> token, the match keys whose token this call minted)."""
-        spec, ring = batch.spec, self.keyring
-        fp_of = dict(zip(by_match, ring.fingerprints(spec.domain, list(by_match)), strict=True))
-        found = self.store.find_tokens(spec.domain, list(fp_of.values()))
-        result = {m: found[fp] for m, fp in fp_of.items() if fp in found}
-        missing = [m for m in by_match if m not in result]
-        batch.refuse_misses([raw for m in missing for raw in by_match[m][1]])
-        minted: set[str] = set()
+        spec = batch.spec
+        missing = list(by_match)
+        fps = self.keyring.fingerprints(spec.domain, missing)
+        found = self.store.find_tokens(spec.domain, fps)
+        result: dict[str, str] = {}
+        if found:
+            tokens = list(map(found.get, fps))
+            # compress keeps the keys with a token: no None reaches the result
+            result.update(compress(zip(missing, cast("list[str]", tokens), strict=True), tokens))
+            absent = list(map(is_, tokens, repeat(None)))
+            missing, fps = list(compress(missing, absent)), list(compress(fps, absent))
+        if missing and batch.mode == "lookup":
+            batch.refuse_misses([raw for m in missing for raw in by_match[m][1]])
+        minted: list[str] = []
         for _attempt in range(_MAX_COLLISION_RETRIES):
             if not missing:
                 return result, minted
-            canonicals = [by_match[m][0] for m in missing]
+            canonicals = list(map(_CANONICAL, map(by_match.__getitem__, missing)))
             fresh = spec.kind.new_tokens(len(missing), canonicals)
-            proposed = dict(zip(missing, fresh, strict=True))
-            winners = self._insert(spec, [fp_of[m] for m in missing], canonicals, fresh)
-            still = []
-            for m in missing:
-                token = winners.get(fp_of[m])
+            won = list(map(self._insert(spec, fps, canonicals, fresh).get, fps))
+            if won == fresh:  # every proposed token went in (no concurrent writer, no clash)
+                result.update(zip(missing, fresh, strict=True))
+                minted += missing
+                return result, minted
+            still, still_fps = [], []
+            for m, fp, token, proposed in zip(missing, fps, won, fresh, strict=True):
                 if token is None:
                     still.append(m)  # proposed token collided with another value's token
+                    still_fps.append(fp)
                 else:
                     result[m] = token
-                    if token == proposed[m]:
-                        minted.add(m)  # ours, not a concurrent writer's
-            missing = still
+                    if token == proposed:
+                        minted.append(m)  # ours, not a concurrent writer's
+            missing, fps = still, still_fps
         raise VaultUnavailableError(
             f"deid.tokenize: kind {spec.name!r}: could not mint unique tokens after "
             f"{_MAX_COLLISION_RETRIES} attempts; the {spec.domain!r} domain's token space "
