@@ -35,6 +35,22 @@ def test_same_value_same_token_across_instances_and_spellings(service: VaultToke
     assert len(set(first)) == len(EMAILS)
 
 
+def test_spellings_of_one_value_in_one_batch_share_a_token_and_count_once(
+        service: VaultTokenService) -> None:
+    """Several spellings in one batch are one value: one token, one new record, every row
+    counted; then the same batch again is answered from the cache, spelling by spelling."""
+    service.store.grant_tokenize("etl", "*", "tokenize", "test")
+    batch = ["A@X.com", "a@x.com", None, " a@x.com ", "b@x.com", "a@x.com"]
+    for _ in range(2):
+        out = service.tokenize("email", batch, principal="etl", query_id="q")
+        assert out[2] is None and len({out[0], out[1], out[3], out[5]}) == 1
+        assert out[4] not in (out[0], None)
+    assert sum(service.store.key_version_counts().values()) == 2
+    service.flush_audit()
+    (record,) = [r for r in service.store.audit_records() if r["action"] == "tokenize"]
+    assert (record["new"], record["existing"]) == (5, 5)  # rows, not values
+
+
 def test_tokens_are_random_not_derived_from_values(tmp_path: Path) -> None:
     a = fresh_service(tmp_path / "a" / "v.db").tokenize("email", EMAILS)
     b = fresh_service(tmp_path / "b" / "v.db").tokenize("email", EMAILS)

@@ -43,7 +43,10 @@ DEFAULT_ERASURE_CHECK_S = 1.0
 _MAX_COLLISION_RETRIES = 8
 
 
+# key (match key or canonical form) -> (canonical form, the raw spellings that have it)
+Groups = dict[str, tuple[str, Sequence[str]]]
 _CANONICAL, _MATCH_KEY, _SPELLINGS = itemgetter(0), itemgetter(1), itemgetter(1)
+_FIRST = itemgetter(0)
 _KEY_VERSION = attrgetter("key_version")
 _CIPHERTEXT = attrgetter("ciphertext")
 
@@ -151,7 +154,7 @@ class TokenizeBatch:
                                     column=self.column)
         return False
 
-    def groups(self, *, by: str) -> dict[str, tuple[str, list[str]]]:
+    def groups(self, *, by: str) -> Groups:
         """Pending raw values grouped by match key (``by="match"``) or canonical form
         (``by="canonical"``): key -> (canonical, raw spellings). Several spellings may share
         one key."""
@@ -164,18 +167,18 @@ class TokenizeBatch:
                                     column=self.column) from None
         canonicals = list(map(_CANONICAL, normalized))
         keys = canonicals if by == "canonical" else list(map(_MATCH_KEY, normalized))
-        out = dict(zip(keys, zip(canonicals, [[r] for r in raws], strict=True), strict=True))
+        out: Groups = dict(zip(keys, zip(canonicals, zip(raws), strict=True), strict=True))
         if len(out) == len(raws):
             return out  # one spelling per key (the common case): built in C-level passes
-        out = {}
+        several: dict[str, tuple[str, list[str]]] = {}
         for raw, (canonical, match_key) in zip(raws, normalized, strict=True):
             key = match_key if by == "match" else canonical
-            entry = out.get(key)
+            entry = several.get(key)
             if entry is None:
-                out[key] = (canonical, [raw])
+                several[key] = (canonical, [raw])
             else:
                 entry[1].append(raw)
-        return out
+        return dict(several)
 
     def rows(self, raws: list[str]) -> int:
         return sum(map(self.pending.__getitem__, raws))
@@ -191,11 +194,15 @@ class TokenizeBatch:
                                    existing=present - missed, missed=missed, row=row,
                                    query_id=self.query_id, host=self.host)
 
-    def finish(self, cache: BoundedCache, groups: dict[str, tuple[str, list[str]]],
+    def finish(self, cache: BoundedCache, groups: Groups,
                token_of: dict[str, str], *, new_raws: int) -> list[str | None]:
         """Fill the output from key -> token, remember the spellings, count for the audit."""
-        learned = [(raw, token_of[key])
-                   for key, (_canonical, spellings) in groups.items() for raw in spellings]
+        if len(groups) == len(self.pending):  # one spelling per key: C-level passes
+            learned = list(zip(map(_FIRST, map(_SPELLINGS, groups.values())),
+                               map(token_of.__getitem__, groups), strict=True))
+        else:
+            learned = [(raw, token_of[key])
+                       for key, (_canonical, spellings) in groups.items() for raw in spellings]
         cache.store(self.namespace, learned)
         # Every row's answer by one dict lookup: cached tokens, then the ones just learned.
         answer = dict(zip(self.values, self.out, strict=True))
@@ -297,7 +304,7 @@ class VaultTokenService:
                 self.keyring = self.store.reload_keyring()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _tokens_for(self, batch: TokenizeBatch, by_match: dict[str, tuple[str, list[str]]]
+    def _tokens_for(self, batch: TokenizeBatch, by_match: Groups
                     ) -> tuple[dict[str, str], list[str]]:
         """(match key -> token, the match keys whose token this call minted)."""
         spec = batch.spec
