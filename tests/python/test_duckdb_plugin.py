@@ -246,7 +246,12 @@ def test_duckdb_worker_threads_keep_their_vault_connections(
     monkeypatch.setattr(sqlite3, "connect", counting)
     for _ in range(2):
         assert reader.sql("select count(deid.detokenize(t)) from m").fetchall() == [(100000,)]
-    assert len(opened) <= (os.cpu_count() or 2)
+    assert len(opened) == 1  # the one thread the calls of a SQLite vault run on
+
+
+def test_udf_threads_follow_the_vault() -> None:
+    assert duckdb_plugin.udf_threads("sqlite:///v.db") == 1
+    assert duckdb_plugin.udf_threads("postgresql://h/db") == (os.cpu_count() or 2)
 
 
 def _plugin(config: dict[str, object]) -> duckdb.DuckDBPyConnection:
