@@ -376,27 +376,58 @@ def normalize(kind: Kind, value: str) -> tuple[str, str]:
     return kind.normalize(value)
 
 
-def _emails_fast(values: list[str]) -> list[tuple[str, str]] | None:
-    """`_norm_email` over a batch of printable ASCII values in C-level passes, or None when
-    the batch needs the value-by-value path (non-ASCII, a control character, a value too
-    long or not an address: that path finds the row and the reason)."""
+# Batch paths (hot: a vector of new values) for batches of printable ASCII, which needs no
+# Unicode normalization and holds no invisible or control character and no whitespace but
+# the space. Each gives exactly what the kind's value-by-value function gives, or None when
+# some value needs that function (which then finds the row and the reason).
+
+def _plain_ascii(values: list[str], limit: int) -> bool:
     joined = "".join(values)
-    if not (joined.isascii() and joined.isprintable()) or \
-            max(map(len, values), default=0) > KINDS["email"].max_length:
-        return None
-    # ASCII is its own NFKC form and holds no invisible format character.
+    return joined.isascii() and joined.isprintable() and max(map(len, values), default=0) <= limit
+
+
+def _emails_fast(values: list[str]) -> list[tuple[str, str]] | None:
     out = list(map(str.lower, map(str.strip, values)))
     if not all(map(_EMAIL.fullmatch, out)):
         return None
     return list(zip(out, out, strict=True))
 
 
+_PHONE_DROP = str.maketrans("", "", " ().-/")  # _PHONE_SEPARATORS, in printable ASCII
+# +<8 to 15 digits>, 10 digits (North American: +1 goes first), or 1 and 10 digits
+_PHONE_FAST = re.compile(r"\+[0-9]{8,15}|[0-9]{10}|1[0-9]{10}")
+
+
+def _phones_fast(values: list[str]) -> list[tuple[str, str]] | None:
+    bare = list(map(str.translate, values, repeat(_PHONE_DROP)))
+    if not all(map(_PHONE_FAST.fullmatch, bare)):
+        return None
+    out = [d if d[0] == "+" else ("+1" + d if len(d) == 10 else "+" + d) for d in bare]
+    return list(zip(out, out, strict=True))
+
+
+_SSN_FAST = re.compile(r"[0-9]{3}-[0-9]{2}-[0-9]{4}|[0-9]{9}")
+
+
+def _ssns_fast(values: list[str]) -> list[tuple[str, str]] | None:
+    bare = list(map(str.strip, values))
+    if not all(map(_SSN_FAST.fullmatch, bare)):
+        return None
+    out = [v if len(v) == 11 else f"{v[:3]}-{v[3:5]}-{v[5:]}" for v in bare]
+    return list(zip(out, out, strict=True))
+
+
+_BATCH_PATHS: dict[str, Callable[[list[str]], list[tuple[str, str]] | None]] = {
+    "email": _emails_fast, "phone": _phones_fast, "ssn": _ssns_fast}
+
+
 def normalize_many(kind: Kind, values: list[str]) -> list[tuple[str, str]]:
     """`normalize` over a batch; on failure raises _Invalid with `.index` set (hot path)."""
-    if kind.normalize is _norm_email:
-        fast = _emails_fast(values)
-        if fast is not None:
-            return fast
+    batch = _BATCH_PATHS.get(kind.name)
+    if batch is not None and _plain_ascii(values, kind.max_length):
+        out = batch(values)
+        if out is not None:
+            return out
     limit, check, norm = kind.max_length, _CONTROL.search, kind.normalize
     out = []
     for i, value in enumerate(values):
