@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import duckdb
@@ -247,6 +249,35 @@ def test_duckdb_worker_threads_keep_their_vault_connections(
     for _ in range(2):
         assert reader.sql("select count(deid.detokenize(t)) from m").fetchall() == [(100000,)]
     assert len(opened) == 1  # the one thread the calls of a SQLite vault run on
+
+
+def test_a_forked_child_runs_the_udfs_on_threads_of_its_own(
+        service: VaultTokenService) -> None:
+    """The pool's threads do not survive fork: a child that inherited it would wait forever
+    for its first UDF call."""
+    service.store.grant("reader", "test")
+    token = service.tokenize("email", ["a@example.com"])[0]
+    reader = duckdb.connect()
+    register(reader, service, "reader")
+    query = f"select deid.detokenize('{token}')"
+    assert reader.sql(query).fetchall() == [("a@example.com",)]  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        ok = False
+        try:
+            child = duckdb.connect()
+            register(child, service, "reader")
+            ok = child.sql(query).fetchall() == [("a@example.com",)]
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's UDF call never ran")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_udf_threads_follow_the_vault() -> None:
