@@ -5,6 +5,7 @@ never silently includes a dbt run, and deselecting a tier deselects all of it.""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,16 @@ def test_the_signs_are_found() -> None:
     """Guard against a rename that would make the check above vacuous."""
     runs_dbt = [p.name for p in MODULES if any(s in p.read_text() for s in E2E_SIGNS)]
     assert len(runs_dbt) >= 6, runs_dbt
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """A claim that points at `tests/…::test_name` points at a test that exists: a renamed or
+    deleted test would leave the claim unproven."""
+    root = Path(__file__).resolve().parents[2]
+    docs = [root / "README.md", *(root / "docs").rglob("*.md")]
+    named = {(path, name) for doc in docs for path, name in
+             re.findall(r"(tests/python/[\w/]+\.py)::(\w+)", doc.read_text())}
+    assert named
+    missing = [f"{path}::{name}" for path, name in sorted(named)
+               if not re.search(rf"^(async )?def {name}\(", (root / path).read_text(), re.M)]
+    assert not missing, missing
