@@ -69,8 +69,8 @@ _ALL_TOKENS = ("(select domain, kind, key_version from tokens union all "
 _LEVELS = ("recent", "tokens")
 RECENT_PER_JOURNAL = 8
 # A merge inserts at random keys in one of each level's two B-trees; a page cache of this
-# size during the merge (then given back) keeps those pages in memory: 1.6x faster for
-# 4 M records than the default 64 MiB.
+# size during the merge (then given back) keeps more of those pages in memory: moving 4 M
+# records took 37 s on the default 64 MiB, 30 s on this, 23 s on 1 GiB.
 _MERGE_CACHE_KIB = 256 * 1024
 
 
