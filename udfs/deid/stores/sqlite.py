@@ -11,10 +11,11 @@ values cost ~40 ms of commit, capping new values at ~45k/s. Journal rows are app
 the end of one B-tree (a few pages per vector) and the commit stays synced: a token is on
 disk before it is returned, as before. Each process indexes the journal in memory (catching
 up on the rows appended since its last look, inside its own read snapshot), and once the
-journal holds `journal_rows` records a writer moves them into ``tokens`` in token order
-(sorted inserts dirty each page once) in the transaction that crosses the threshold. Rows
-leave the journal only by that merge or by an erasure, and both bump ``journal_epoch``, so a
-process whose index predates either rebuilds it.
+journal holds `journal_rows` records a writer moves them in token order (sorted inserts dirty
+each page once) into ``recent``, and ``recent`` into ``tokens`` when it is full, in the
+transaction that crosses the threshold (docs/decisions/007-sqlite-journal.md). Rows leave the
+journal only by that merge or by an erasure, and both bump ``journal_epoch``, so a process
+whose index predates either rebuilds it.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ from .base import (
 _SCHEMA_VERSION = 2
 # Keep well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
 _CHUNK = 2000
-# Journal records before a writer merges them into `tokens`: each process's index of the
-# journal holds up to this many entries (~250 bytes each), and a merge moves them in token
-# order in one transaction (~1-2 s at this size).
+# Journal records before a writer merges them into `recent`: each process's index of the
+# journal holds up to this many entries (~300 bytes each), and a merge moves them in token
+# order in one transaction (~1 s at this size into an empty level).
 DEFAULT_JOURNAL_ROWS = 262_144
 # Every record, wherever it is now (for counts, not for the hot paths).
 _ALL_TOKENS = ("(select domain, kind, key_version from tokens union all "
@@ -294,9 +295,9 @@ class SQLiteStore(VaultStore):
             with self._begun(write) as db:
                 yield db
             return
-        # Threads of this process queue here, woken as soon as the writer ahead commits:
-        # SQLite's busy handler would have them sleep and poll (up to 100 ms a time), which
-        # cost DuckDB's second thread most of a first build.
+        # Threads of this process queue here and are woken as soon as the writer ahead
+        # commits, where SQLite's busy handler would have them sleep and poll (sleeps of up
+        # to 100 ms). Other processes still wait through the busy timeout.
         with self._write_lock, self._begun(write) as db:
             yield db
 
