@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -36,14 +34,23 @@ pytestmark = pytest.mark.slow  # a moto server in a subprocess, real HTTP
 REGION = "us-east-1"
 
 
+# moto's server as `moto_server` runs it, but serving one request at a time. Threaded, moto
+# applies a transaction by copying the table and, when a condition fails, putting the copy
+# back, erasing writes another transaction committed meanwhile: ten writers racing for 60
+# values then ended with a second token for a value in one round of twelve. DynamoDB's
+# transactions are atomic and isolated; one request at a time gives moto the same semantics
+# (the clients still race, through real HTTP).
+_MOTO_ONE_AT_A_TIME = (
+    "import sys\n"
+    "from werkzeug.serving import run_simple\n"
+    "from moto.server import DomainDispatcherApplication, MotoRequestHandler, "
+    "create_backend_app\n"
+    "run_simple(sys.argv[1], int(sys.argv[2]), DomainDispatcherApplication(create_backend_app), "
+    "threaded=False, request_handler=MotoRequestHandler)\n")
+
+
 def _moto_server() -> list[str]:
-    exe = Path(sys.executable).with_name("moto_server")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("moto_server")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "moto.server"]
+    return [sys.executable, "-c", _MOTO_ONE_AT_A_TIME]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,7 @@ def endpoint() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([*_moto_server(), "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([*_moto_server(), "127.0.0.1", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
