@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -407,3 +408,93 @@ def test_network_errors_on_writes_are_deid_errors_without_values(vault_url: str)
             attempt()
         assert "EndpointConnectionError" in str(err.value)
         assert secret not in str(err.value)
+
+
+# -- the template's DynamoDB permissions cover exactly what each function writes ------------
+
+_WRITE_ACTIONS = {"PutItem": "PutItem", "UpdateItem": "UpdateItem", "DeleteItem": "DeleteItem",
+                  "Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem",
+                  "ConditionCheck": "ConditionCheckItem"}
+
+
+def _record_writes(store: DynamoDBStore) -> list[tuple[str, str]]:
+    """(IAM action, partition key) of every item write the store's client sends, transaction
+    items one by one (IAM authorizes each by its own action)."""
+    writes: list[tuple[str, str]] = []
+
+    def before_call(model: Any, params: dict[str, Any], **_: Any) -> None:
+        if model.name == "TransactWriteItems":
+            for item in params["TransactItems"]:
+                (op, body), = item.items()
+                key = body.get("Item") or body["Key"]
+                writes.append((_WRITE_ACTIONS[op], key["pk"]["S"]))
+        elif model.name in _WRITE_ACTIONS:
+            key = params.get("Item") or params["Key"]
+            writes.append((_WRITE_ACTIONS[model.name], key["pk"]["S"]))
+
+    store.ddb.meta.events.register("before-parameter-build.dynamodb", before_call)
+    return writes
+
+
+def _role_allows(role: str, action: str, pk: str) -> bool:
+    """Whether template.yaml's `role` lets `action` write the item `pk` (Allow statements with
+    their dynamodb:LeadingKeys patterns; the roles hold no Deny). Statements present only
+    under a template condition (the ingest role's erasure on REMOVE) are left out."""
+    import fnmatch
+
+    import cfnlint.decode as cfnlint_decode
+
+    doc, _ = cfnlint_decode.decode(str(Path(__file__).resolve().parents[2] / "udfs"
+                                       / "template.yaml"))
+    for policy in doc["Resources"][role]["Properties"]["Policies"]:
+        for stmt in policy["PolicyDocument"]["Statement"]:
+            if "Fn::If" in stmt:
+                continue
+            actions = stmt["Action"] if isinstance(stmt["Action"], list) else [stmt["Action"]]
+            if f"dynamodb:{action}" not in actions:
+                continue
+            keys = stmt.get("Condition", {}).get("ForAllValues:StringLike", {}).get(
+                "dynamodb:LeadingKeys")
+            if keys is None or any(fnmatch.fnmatchcase(pk, k) for k in keys):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("role", ["TokenizeRole", "IngestRole"])
+def test_the_minting_roles_allow_every_write_of_a_first_tokenize_and_no_rewrite_of_a_token(
+        vault_url: str, role: str) -> None:
+    """A tokenize function's first call on a new vault creates the fingerprint key and a data
+    key, mints, converges with a concurrent container and audits: each write must be allowed
+    by its role, and nothing beyond: an UpdateItem on a token item (what could turn an erased
+    token's tombstone back into a value) or on a fingerprint item must not be. (The ingest
+    role's erasure on REMOVE, a template option, does update token items: to tombstone them.)"""
+    admin = service(vault_url)
+    admin.store.grant_tokenize("etl", "*", "tokenize", "test")
+    first = service(vault_url)
+    assert isinstance(first.store, DynamoDBStore)
+    writes = _record_writes(first.store)
+    tokens = first.tokenize("email", ["a@example.com", "b@example.com"], principal="etl")
+    first.flush_audit()
+    rival = service(vault_url)  # a second container minting the same values
+    assert isinstance(rival.store, DynamoDBStore)
+    writes += _record_writes(rival.store)
+    rival.store.insert_tokens([_new_record(rival, "a@example.com", "email")])
+    assert rival.tokenize("email", ["a@example.com"], principal="etl") == tokens[:1]
+    rival.flush_audit()
+    prefixes = {pk.split("#")[0] for _a, pk in writes}
+    assert {"fp", "tok", "key", "meta", "audit"} <= prefixes, writes
+    denied = [(a, pk) for a, pk in writes if not _role_allows(role, a, pk)]
+    assert not denied, denied
+    assert not _role_allows(role, "UpdateItem", f"tok#{tokens[0]}")
+    assert not _role_allows(role, "UpdateItem", "fp#email#x")
+    assert not _role_allows(role, "DeleteItem", f"tok#{tokens[0]}")
+
+
+def _new_record(svc: VaultTokenService, value: str, kind: str) -> Any:
+    """The record a container that missed the value would try to insert (a fresh token)."""
+    from deid.stores import NewRecord
+
+    spec = kinds.parse_kind(kind)
+    fp = svc.keyring.fingerprints(spec.domain, [value])[0]
+    token = spec.kind.new_tokens(1, [value])[0]
+    return NewRecord(spec.domain, fp, token, spec.name, *svc.keyring.encrypt(token, value))
