@@ -24,7 +24,7 @@ import contextlib
 import datetime as _dt
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -87,26 +87,19 @@ class _JournalIndex:
         self.by_fingerprint: dict[str, dict[bytes, str]] = {}
         self.by_token: dict[str, int] = {}
 
+    def add(self, rows: Iterable[tuple[int, str, bytes, str]]) -> None:
+        """Index journal rows (seq, domain, fingerprint, token), in seq order."""
+        by_token = self.by_token
+        for seq, domain, fingerprint, token in rows:
+            by_fp = self.by_fingerprint.get(domain)
+            if by_fp is None:
+                by_fp = self.by_fingerprint[domain] = {}
+            by_fp[fingerprint] = token
+            by_token[token] = seq
+            self.seq = seq
+
 _SCHEMA = """
 create table if not exists meta (key text primary key, value text not null);
-create table if not exists tokens (
-    token text primary key,
-    domain text not null,
-    fingerprint blob not null,
-    kind text not null,
-    key_version integer not null,
-    ciphertext blob not null
-) without rowid;
-create unique index if not exists tokens_by_fingerprint on tokens (domain, fingerprint);
-create table if not exists recent (
-    token text primary key,
-    domain text not null,
-    fingerprint blob not null,
-    kind text not null,
-    key_version integer not null,
-    ciphertext blob not null
-) without rowid;
-create unique index if not exists recent_by_fingerprint on recent (domain, fingerprint);
 create table if not exists journal (
     seq integer primary key autoincrement,
     token text not null,
@@ -123,12 +116,6 @@ create table if not exists erased (
     erased_at text not null
 ) without rowid;
 create index if not exists erased_by_time on erased (erased_at);
-create trigger if not exists tokens_never_reissue_erased before insert on tokens
-    when exists (select 1 from erased where token = new.token)
-    begin select raise(ignore); end;
-create trigger if not exists recent_never_reissue_erased before insert on recent
-    when exists (select 1 from erased where token = new.token)
-    begin select raise(ignore); end;
 create table if not exists principals (
     principal text primary key,
     granted_at text not null,
@@ -149,6 +136,23 @@ create table if not exists audit (
     hash text not null
 );
 """
+# Each indexed level (created after `erased`, which its trigger reads).
+_LEVEL_SCHEMA = """
+create table if not exists {level} (
+    token text primary key,
+    domain text not null,
+    fingerprint blob not null,
+    kind text not null,
+    key_version integer not null,
+    ciphertext blob not null
+) without rowid;
+create unique index if not exists {level}_by_fingerprint on {level} (domain, fingerprint);
+create trigger if not exists {level}_never_reissue_erased before insert on {level}
+    when exists (select 1 from erased where token = new.token)
+    begin select raise(ignore); end;
+"""
+# A record's columns, in every level's order (the journal adds its seq in front).
+_COLUMNS = "token, domain, fingerprint, kind, key_version, ciphertext"
 
 
 def _now() -> str:
@@ -240,7 +244,8 @@ class SQLiteStore(VaultStore):
         with self._tx() as db:
             # executescript would commit the open transaction: run statements one by one
             # (the trigger's body holds a ';' of its own).
-            for statement in _SCHEMA.split(";\n"):
+            schema = _SCHEMA + "".join(_LEVEL_SCHEMA.format(level=lv) for lv in _LEVELS)
+            for statement in schema.split(";\n"):
                 if statement.strip():
                     db.execute(statement)
             row = db.execute("select value from meta where key = 'schema_version'").fetchone()
@@ -411,15 +416,7 @@ class SQLiteStore(VaultStore):
                 index = _JournalIndex(epoch)
             rows = db.execute("select seq, domain, fingerprint, token from journal "
                               "where seq > ? order by seq", (index.seq,)).fetchall()
-            if rows:
-                by_token = index.by_token
-                for seq, domain, fingerprint, token in rows:
-                    by_fp = index.by_fingerprint.get(domain)
-                    if by_fp is None:
-                        by_fp = index.by_fingerprint[domain] = {}
-                    by_fp[fingerprint] = token
-                    by_token[token] = seq
-                index.seq = rows[-1][0]
+            index.add(rows)
             self._journal = index
             return index
 
@@ -435,14 +432,8 @@ class SQLiteStore(VaultStore):
                 index = self._journal = _JournalIndex(epoch + 1)
                 index.seq = last
                 return
-            by_token = index.by_token
-            for seq, r in enumerate(records, start=last - len(records) + 1):
-                by_fp = index.by_fingerprint.get(r.domain)
-                if by_fp is None:
-                    by_fp = index.by_fingerprint[r.domain] = {}
-                by_fp[r.fingerprint] = r.token
-                by_token[r.token] = seq
-            index.seq = last
+            index.add((seq, r.domain, r.fingerprint, r.token)
+                      for seq, r in enumerate(records, start=last - len(records) + 1))
 
     @staticmethod
     def _select_in(db: sqlite3.Connection, sql: str, head: tuple[Any, ...],
@@ -478,17 +469,14 @@ class SQLiteStore(VaultStore):
     def find_tokens(self, domain: str, fingerprints: Sequence[bytes]) -> dict[bytes, str]:
         with self._tx(write=False) as db:
             index = self._catch_up(db)
-            found: dict[bytes, str] = {}
-            rest: Sequence[bytes] = fingerprints
             if index is not None:
-                recent = index.by_fingerprint.get(domain, {})
-                found = {fp: recent[fp] for fp in fingerprints if fp in recent}
-                rest = [fp for fp in fingerprints if fp not in found] if found else fingerprints
+                journaled = index.by_fingerprint.get(domain, {})
+                found = {fp: journaled[fp] for fp in fingerprints if fp in journaled}
             else:
-                found.update(self._select_in(
+                found = dict(self._select_in(
                     db, "select fingerprint, token from journal where domain = ? and "
                     "fingerprint in", (domain,), fingerprints))
-            rest = [fp for fp in rest if fp not in found]
+            rest = [fp for fp in fingerprints if fp not in found] if found else fingerprints
             if rest:
                 found.update(self._probe(db, rest, _LEVELS, "fingerprint", domain))
             return found
@@ -510,9 +498,9 @@ class SQLiteStore(VaultStore):
             epoch, after = index.epoch, index.seq
             winners: dict[bytes, str] = {}
             for domain in {r.domain for r in records}:
-                recent = index.by_fingerprint.get(domain, {})
+                journaled = index.by_fingerprint.get(domain, {})
                 fps = [r.fingerprint for r in records if r.domain == domain]
-                winners.update((fp, recent[fp]) for fp in fps if fp in recent)
+                winners.update((fp, journaled[fp]) for fp in fps if fp in journaled)
                 winners.update(self._probe(db, [fp for fp in fps if fp not in winners],
                                            _LEVELS, "fingerprint", domain))
             fresh = [r for r in records if r.fingerprint not in winners]
@@ -530,8 +518,7 @@ class SQLiteStore(VaultStore):
             last = after
             if new:
                 db.executemany(
-                    "insert into journal (token, domain, fingerprint, kind, key_version, "
-                    "ciphertext) values (?, ?, ?, ?, ?, ?)",
+                    f"insert into journal ({_COLUMNS}) values (?, ?, ?, ?, ?, ?)",
                     [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
                      for r in new])
                 last = db.execute("select last_insert_rowid()").fetchone()[0]
@@ -547,15 +534,13 @@ class SQLiteStore(VaultStore):
         transaction."""
         db.execute(f"pragma cache_size=-{max(self._cache_kib, _MERGE_CACHE_KIB)}")
         try:
-            db.execute("insert into recent select token, domain, fingerprint, kind, "
-                       "key_version, ciphertext from journal order by token")
+            db.execute(f"insert into recent select {_COLUMNS} from journal order by token")
             db.execute("delete from journal")
             db.execute("insert into meta values ('journal_epoch', '1') on conflict (key) do "
                        "update set value = cast(value as integer) + 1")
             full = db.execute("select count(*) from recent").fetchone()[0] >= self._recent_rows
             if down or full:
-                db.execute("insert into tokens select token, domain, fingerprint, kind, "
-                           "key_version, ciphertext from recent order by token")
+                db.execute(f"insert into tokens select {_COLUMNS} from recent order by token")
                 db.execute("delete from recent")
         finally:
             db.execute(f"pragma cache_size=-{self._cache_kib}")
@@ -577,10 +562,10 @@ class SQLiteStore(VaultStore):
                 rows = self._select_in(db, "select token, key_version, ciphertext from journal "
                                        "where token in", (), tokens)
             else:
-                recent = index.by_token
+                seq_of = index.by_token
                 rows = self._select_in(db, "select token, key_version, ciphertext from journal "
-                                       "where seq in", (), [recent[t] for t in tokens
-                                                            if t in recent])
+                                       "where seq in", (), [seq_of[t] for t in tokens
+                                                            if t in seq_of])
             for token, version, blob in rows:
                 out[token] = StoredValue(version, blob)
             rest = [t for t in tokens if t not in out] if out else tokens
