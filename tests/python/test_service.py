@@ -418,6 +418,13 @@ def test_batch_encryption_reads_and_writes_the_per_record_format() -> None:
         decrypt_many(ring, 2, tokens, old)  # sealed under version 1, not 2
     with pytest.raises(VaultKeyError, match="key version 7 is not in"):
         decrypt_many(ring, 7, tokens, blobs)
+    # The stored format itself, sealed without deid's code: nonce ‖ AES-GCM(value) with
+    # associated data "deid:v<version>:<token>" (what vaults written before hold).
+    nonce = bytes(12)
+    by_hand = nonce + ring._aead[2].encrypt(nonce, values[0].encode(),
+                                            f"deid:v2:{tokens[0]}".encode())
+    assert decrypt_under(ring._aead[2], 2, tokens[0], by_hand, "k") == values[0]
+    assert decrypt_many(ring, 2, tokens[:1], [by_hand]) == values[:1]
 
 
 def test_detokenize_counted_audits_rows_and_names_the_hosts_row(

@@ -135,9 +135,7 @@ def fingerprints_under(fingerprint_key: bytes, domain: str, match_keys: list[str
 
 def encrypt_under(aead: AESGCM, version: int, token: str, canonical: str) -> tuple[int, bytes]:
     """(version, nonce ‖ ciphertext), bound to the token so records cannot be swapped."""
-    nonce = os.urandom(_NONCE)
-    ct = aead.encrypt(nonce, canonical.encode("utf-8", "surrogatepass"), _aad(token, version))
-    return version, nonce + ct
+    return version, encrypt_many_under(aead, version, [token], [canonical])[0]
 
 
 def encrypt_many_under(aead: AESGCM, version: int, tokens: list[str],
@@ -171,13 +169,7 @@ def _missing_version(version: int, source: str) -> VaultKeyError:
 
 def decrypt_under(aead: AESGCM | None, version: int, token: str, blob: bytes,
                   source: str) -> str:
-    if aead is None:
-        raise _missing_version(version, source)
-    try:
-        raw = aead.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(token, version))
-    except InvalidTag:
-        raise VaultKeyError(_TAMPERED) from None
-    return raw.decode("utf-8", "surrogatepass")
+    return decrypt_many_under(aead, version, [token], [blob], source)[0]
 
 
 def chain_under(audit_key: bytes, prev_hash: str, record: dict[str, Any]) -> str:
@@ -274,12 +266,9 @@ class FileKeyring:
         return chain_under(self.audit_key, prev_hash, record)
 
 
-def _aad(token: str, version: int) -> bytes:
-    return f"deid:v{version}:{token}".encode()
-
-
 def _aad_prefix(version: int) -> str:
-    """`_aad` without the token: ``_aad(t, v) == (_aad_prefix(v) + t).encode()``."""
+    """A record's associated data is ``(_aad_prefix(v) + token).encode()``: the ciphertext is
+    bound to its token and key version."""
     return f"deid:v{version}:"
 
 
