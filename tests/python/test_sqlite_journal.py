@@ -52,6 +52,28 @@ def test_a_writer_whose_index_is_behind_still_converges(vault_path: Path) -> Non
     assert b.detokenize([token], principal="p") == ["shared@example.com"]
 
 
+def test_a_writer_looks_again_when_a_merge_ran_since_its_lookup(vault_path: Path) -> None:
+    """Attack on the writer's shortcut: a writer skips the second look in the indexed levels
+    for values its own lookup just found absent there. Between that lookup and its insert,
+    another process mints the value and merges it out of the journal: only the merge's new
+    epoch tells the writer to look again, or it mints a second token."""
+    a, b = _service(vault_path), _service(vault_path)
+    assert b.tokenize("email", ["someone.else@example.com"])  # keys, and b's index
+    a_insert = a.store.insert_tokens
+
+    def rival_first(records, **kw):  # type: ignore[no-untyped-def]
+        # a has looked the value up (absent); b mints it and merges before a inserts.
+        token = b.tokenize("email", ["shared@example.com"])[0]
+        b.store.merge_journal()  # type: ignore[attr-defined]
+        rival_first.token = token  # type: ignore[attr-defined]
+        return a_insert(records, **kw)
+
+    a.store.insert_tokens = rival_first  # type: ignore[method-assign]
+    token = a.tokenize("email", ["shared@example.com"])[0]
+    assert token == rival_first.token  # type: ignore[attr-defined]
+    assert _counts(vault_path) == (0, 2, 0)
+
+
 def test_tokens_and_values_survive_merges(vault_path: Path) -> None:
     svc = _service(vault_path, journal_rows=64, recent_rows=128)
     tokens = [t for i in range(0, 300, 50) for t in svc.tokenize("email", VALUES[i : i + 50])]

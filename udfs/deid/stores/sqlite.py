@@ -406,8 +406,7 @@ class SQLiteStore(VaultStore):
         that snapshot predates a merge or erasure the index already reflects (another thread
         of this process saw it first): the caller then reads the journal itself. A writer's
         snapshot is the newest, so it always gets an index."""
-        row = db.execute("select value from meta where key = 'journal_epoch'").fetchone()
-        epoch = int(row[0]) if row else 0
+        epoch = self._epoch_of(db)
         with self._journal_lock:
             index = self._journal
             if epoch < index.epoch and not writing:
@@ -419,6 +418,13 @@ class SQLiteStore(VaultStore):
             index.add(rows)
             self._journal = index
             return index
+
+    @staticmethod
+    def _epoch_of(db: sqlite3.Connection) -> int:
+        """The journal epoch of `db`'s open transaction: bumped by every merge, the only way
+        a record enters an indexed level, and by every erasure."""
+        row = db.execute("select value from meta where key = 'journal_epoch'").fetchone()
+        return int(row[0]) if row else 0
 
     def _learn(self, epoch: int, after: int, last: int, records: Sequence[NewRecord],
                merged: bool) -> None:
@@ -479,15 +485,26 @@ class SQLiteStore(VaultStore):
             rest = [fp for fp in fingerprints if fp not in found] if found else fingerprints
             if rest:
                 found.update(self._probe(db, rest, _LEVELS, "fingerprint", domain))
+            # For this thread's next insert: the fingerprints the levels lacked in this
+            # snapshot, and its epoch (see insert_tokens).
+            self._local.absent = (self._epoch_of(db), domain,
+                                  {fp for fp in rest if fp not in found})
             return found
 
-    def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
+    def insert_tokens(self, records: Sequence[NewRecord], *,
+                      random_tokens: bool = False) -> dict[bytes, str]:
         """Append the records whose fingerprint and token are both new to the journal (in one
         synced commit) and return fingerprint -> token for every record: its own token, or
         the token another writer minted for the value first. A record whose proposed token
         is taken by another value (or was erased) is left out, for the caller to retry."""
         if not records:
             return {}
+        # What this thread's last lookup found absent from the levels. Only a merge adds
+        # records to a level, and every merge bumps the epoch: at the same epoch, a
+        # fingerprint absent then is absent now, and only the journal (whose index is
+        # caught up below) can hold it. Saves looking each new value up twice.
+        absent_epoch, absent_domain, absent = self._local.__dict__.pop("absent",
+                                                                       (None, None, set()))
         with self._tx() as db:
             row = db.execute("select value from meta where key = 'key_current'").fetchone()
             newer = check_key_versions(int(row[0]) if row else None, records)
@@ -501,11 +518,14 @@ class SQLiteStore(VaultStore):
                 journaled = index.by_fingerprint.get(domain, {})
                 fps = [r.fingerprint for r in records if r.domain == domain]
                 winners.update((fp, journaled[fp]) for fp in fps if fp in journaled)
-                winners.update(self._probe(db, [fp for fp in fps if fp not in winners],
-                                           _LEVELS, "fingerprint", domain))
+                unseen = [fp for fp in fps if fp not in winners]
+                if (absent_epoch != epoch or absent_domain != domain
+                        or not absent.issuperset(unseen)):
+                    winners.update(self._probe(db, unseen, _LEVELS, "fingerprint", domain))
             fresh = [r for r in records if r.fingerprint not in winners]
             proposed = [r.token for r in fresh]
-            taken = {t for t, _t in self._probe(db, proposed, (*_LEVELS, "erased"), "token")}
+            taken = set() if random_tokens else {
+                t for t, _t in self._probe(db, proposed, (*_LEVELS, "erased"), "token")}
             taken.update(t for t in proposed if t in index.by_token)
             new: list[NewRecord] = []
             for r in fresh:
