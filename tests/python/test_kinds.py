@@ -91,6 +91,22 @@ def test_fresh_tokens_have_their_kinds_format(kind: str) -> None:
         assert kinds.is_token(t, kind)
 
 
+@pytest.mark.parametrize("kind", list(kinds.KINDS))
+def test_a_kind_claims_unique_by_chance_tokens_only_with_120_random_bits(kind: str) -> None:
+    """A store skips looking up fresh tokens of a kind that claims RANDOM_TOKEN_BITS: the
+    claim must hold (24 base32 characters, each uniform), and short formats must not make it.
+    """
+    k = kinds.KINDS[kind]
+    tokens = k.new_tokens(4000, ["4111111111111111"] * 4000)
+    bodies = ["".join(re.findall("[a-z2-7]{24}", t)) for t in tokens]
+    has_body = all(len(b) == 24 for b in bodies)
+    assert (k.random_bits == kinds.RANDOM_TOKEN_BITS) == has_body
+    assert k.random_bits in (0, kinds.RANDOM_TOKEN_BITS)
+    if has_body:
+        # Every position takes all 32 symbols (4,000 draws miss one with odds below 1e-50).
+        assert all(len({b[i] for b in bodies}) == 32 for i in range(24))
+
+
 def test_card_tokens_keep_last_four_and_always_fail_luhn() -> None:
     canonicals = [f"4111111111{n:06d}" for n in range(500)]
     for c, t in zip(canonicals, kinds.KINDS["card"].new_tokens(500, canonicals), strict=True):

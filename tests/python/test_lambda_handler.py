@@ -38,9 +38,9 @@ class CountingStore(SQLiteStore):
         self.calls["find_tokens"] += 1
         return super().find_tokens(domain, fingerprints)
 
-    def insert_tokens(self, records: Any) -> dict[bytes, str]:
+    def insert_tokens(self, records: Any, **kw: Any) -> dict[bytes, str]:
         self.calls["insert_tokens"] += 1
-        return super().insert_tokens(records)
+        return super().insert_tokens(records, **kw)
 
     def fetch_values(self, tokens: Any) -> Any:
         self.calls["fetch_values"] += 1

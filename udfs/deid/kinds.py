@@ -45,6 +45,7 @@ from .errors import InvalidKindError
 
 # Crockford-free: the standard base32 alphabet, lowercased. 24 chars of 5 random bits: 120 bits.
 _TOKEN_CHARS = 24
+RANDOM_TOKEN_BITS = 5 * _TOKEN_CHARS
 
 
 class _Invalid(ValueError):
@@ -60,6 +61,9 @@ class Kind:
     normalize: Callable[[str], tuple[str, str]]  # value -> (canonical, match_key)
     new_tokens: Callable[[int, list[str]], list[str]]  # (n, canonicals) -> n fresh tokens
     token_pattern: re.Pattern[str]
+    # Random bits in each fresh token: at RANDOM_TOKEN_BITS, a fresh token is unique by chance
+    # (see VaultStore.insert_tokens); below it (phone, SSN, card formats), stores look it up.
+    random_bits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,16 +333,23 @@ _B32 = "[a-z2-7]{24}"
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
-        Kind("email", 254, _norm_email, _email_tokens, re.compile(_B32 + r"@deid\.invalid")),
+        Kind("email", 254, _norm_email, _email_tokens, re.compile(_B32 + r"@deid\.invalid"),
+             RANDOM_TOKEN_BITS),
         Kind("phone", 32, _norm_phone, _phone_tokens, re.compile(r"\+999[0-9]{12}")),
         Kind("ssn", 16, _norm_ssn, _ssn_tokens, re.compile(r"9[5-9][0-9]-[0-4][0-9]-[0-9]{4}")),
         Kind("card", 32, _norm_card, _card_tokens, re.compile(r"9[0-9]{15}")),
-        Kind("name", 256, _norm_words, _prefixed("name_"), re.compile("name_" + _B32)),
-        Kind("address", 512, _norm_words, _prefixed("addr_"), re.compile("addr_" + _B32)),
-        Kind("date", 32, _norm_date, _prefixed("date_"), re.compile("date_" + _B32)),
-        Kind("number", 128, _norm_number, _prefixed("num_"), re.compile("num_" + _B32)),
-        Kind("timestamp", 64, _norm_timestamp, _prefixed("ts_"), re.compile("ts_" + _B32)),
-        Kind("string", 4096, _norm_string, _prefixed("str_"), re.compile("str_" + _B32)),
+        Kind("name", 256, _norm_words, _prefixed("name_"), re.compile("name_" + _B32),
+             RANDOM_TOKEN_BITS),
+        Kind("address", 512, _norm_words, _prefixed("addr_"), re.compile("addr_" + _B32),
+             RANDOM_TOKEN_BITS),
+        Kind("date", 32, _norm_date, _prefixed("date_"), re.compile("date_" + _B32),
+             RANDOM_TOKEN_BITS),
+        Kind("number", 128, _norm_number, _prefixed("num_"), re.compile("num_" + _B32),
+             RANDOM_TOKEN_BITS),
+        Kind("timestamp", 64, _norm_timestamp, _prefixed("ts_"), re.compile("ts_" + _B32),
+             RANDOM_TOKEN_BITS),
+        Kind("string", 4096, _norm_string, _prefixed("str_"), re.compile("str_" + _B32),
+             RANDOM_TOKEN_BITS),
     )
 }
 

@@ -294,7 +294,8 @@ class VaultTokenService:
             records = list(map(NewRecord, repeat(spec.domain), fingerprints, tokens,
                                repeat(spec.name), versions, blobs))
             try:
-                return self.store.insert_tokens(records)
+                return self.store.insert_tokens(
+                    records, random_tokens=spec.kind.random_bits >= _kinds.RANDOM_TOKEN_BITS)
             except StaleKeyVersionError:
                 if reloaded:
                     raise VaultKeyError(

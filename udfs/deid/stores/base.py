@@ -126,13 +126,20 @@ class VaultStore(ABC):
         """Tokens already issued for these fingerprints (absent ones are left out)."""
 
     @abstractmethod
-    def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
+    def insert_tokens(self, records: Sequence[NewRecord], *,
+                      random_tokens: bool = False) -> dict[bytes, str]:
         """Insert where the (domain, fingerprint) is new; return the token each fingerprint
         now has — the caller's, or a concurrent writer's that got there first.
 
         A fingerprint missing from the result means its proposed token collided with an
         existing token of another value: the caller retries it with a fresh token.
         All records of one call share a domain.
+
+        `random_tokens`: every proposed token carries `kinds.RANDOM_TOKEN_BITS` (120) random
+        bits, so one equal to any token ever issued (or erased) is less likely than guessing
+        an AES-128 key: a store may skip looking the proposed tokens up on disk. It still
+        checks them against what it holds in memory and in its batch, and a unique
+        constraint still refuses a clash that reaches one.
         """
 
     @abstractmethod

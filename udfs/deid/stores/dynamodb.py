@@ -351,7 +351,8 @@ class DynamoDBStore(VaultStore):
         items = self._batch_get(list(by_pk), "#pk, tok")
         return {by_pk[i["pk"]["S"]]: i["tok"]["S"] for i in items}
 
-    def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
+    def insert_tokens(self, records: Sequence[NewRecord], *,
+                      random_tokens: bool = False) -> dict[bytes, str]:
         if not records:
             return {}
         domain = records[0].domain

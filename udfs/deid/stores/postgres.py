@@ -339,7 +339,8 @@ class _PgStore(VaultStore):
             return {}
         return {bytes(fp): tok for fp, tok in self._rows("find", (domain, list(fingerprints)))}
 
-    def insert_tokens(self, records: Sequence[NewRecord]) -> dict[bytes, str]:
+    def insert_tokens(self, records: Sequence[NewRecord], *,
+                      random_tokens: bool = False) -> dict[bytes, str]:
         if not records:
             return {}
         ordered = sorted(records, key=lambda r: r.fingerprint)
