@@ -204,7 +204,7 @@ def test_detokenize_audits_every_vector_and_syncs_each_querys_first_record(
             final[key] = "full"
 
             def trace(sql: str) -> None:
-                if sql.startswith("pragma synchronous="):
+                if sql.startswith("pragma main.synchronous="):
                     final[key] = sql.split("=")[1]
                 elif sql.startswith("insert into audit"):
                     inserts.append((key, final[key]))

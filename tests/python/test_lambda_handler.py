@@ -113,9 +113,9 @@ def test_tokenize_deduplicates_before_the_vault(udf: RedshiftUDF, store: Countin
     seen: list[int] = []
     original = store.insert_tokens
 
-    def spy(records: Any) -> Any:
+    def spy(records: Any, **kw: Any) -> Any:
         seen.append(len(records))
-        return original(records)
+        return original(records, **kw)
 
     store.insert_tokens = spy  # type: ignore[method-assign]
     results = ok(udf.tokenize(event))

@@ -22,6 +22,7 @@ from deid.errors import (
 )
 from deid.keys import key_file_for
 from deid.service import VaultTokenService
+from deid.stores.sqlite import journal_file_for
 from deid.vault import VaultConfig, open_service, open_store
 
 EMAILS = [f"person{i}@example.com" for i in range(300)]
@@ -169,6 +170,8 @@ def test_tampered_record_fails_authentication(service: VaultTokenService,
     if table != "journal":
         service.store.merge_journal(down=table == "tokens")  # type: ignore[attr-defined]
     db = sqlite3.connect(vault_path)
+    db.execute("attach database ? as j", (str(journal_file_for(vault_path)),))
+    table = "j.journal" if table == "journal" else table
     # swap the two ciphertexts: each is bound to its own token
     rows = dict(db.execute(f"select token, ciphertext from {table}").fetchall())
     db.execute(f"update {table} set ciphertext = ? where token = ?", (rows[b], a))

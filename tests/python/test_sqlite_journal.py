@@ -12,26 +12,34 @@ from pathlib import Path
 
 import pytest
 
-from deid.errors import ConfigError, ErasedTokenError
+from deid.errors import ConfigError, ErasedTokenError, VaultUnavailableError
 from deid.service import VaultTokenService
-from deid.stores.sqlite import SQLiteStore, _JournalIndex
+from deid.stores.sqlite import SQLiteStore, _JournalIndex, journal_file_for
 
 VALUES = [f"person{i}@example.com" for i in range(300)]
 
 
-def _service(path: Path, journal_rows: int = 1_000_000,
-             recent_rows: int | None = None) -> VaultTokenService:
+def _service(path: Path, journal_rows: int = 1_000_000, recent_rows: int | None = None,
+             background_merge: bool = False) -> VaultTokenService:
+    """Merges run on the writer's thread unless `background_merge` (the default elsewhere):
+    the counts after each batch are then known."""
     return VaultTokenService(SQLiteStore(path, create=True, journal_rows=journal_rows,
-                                         recent_rows=recent_rows),
+                                         recent_rows=recent_rows,
+                                         background_merge=background_merge),
                              cache_size=0, detokenize_cache_size=0)
 
 
 def _counts(path: Path) -> tuple[int, int, int]:
-    """Records in tokens, recent, journal."""
+    """Records in tokens, recent, and the journal (not yet copied by a merge)."""
     db = sqlite3.connect(path)
+    db.execute("attach database ? as j", (str(journal_file_for(path)),))
     try:
-        return tuple(db.execute(f"select count(*) from {t}").fetchone()[0]  # type: ignore[return-value]
-                     for t in ("tokens", "recent", "journal"))
+        merged = db.execute("select coalesce(max(cast(value as integer)), 0) from meta "
+                            "where key = 'merged_through'").fetchone()[0]
+        return (db.execute("select count(*) from tokens").fetchone()[0],
+                db.execute("select count(*) from recent").fetchone()[0],
+                db.execute("select count(*) from j.journal where seq > ?",
+                           (merged,)).fetchone()[0])
     finally:
         db.close()
 
@@ -186,10 +194,12 @@ def test_one_commit_of_new_values_writes_pages_for_the_journal_only(vault_path: 
         svc.tokenize("email", [f"old{j}@example.com" for j in range(i, i + 5_000)])
     svc.store.merge_journal()  # type: ignore[attr-defined]
     db = sqlite3.connect(vault_path)
-    db.execute("pragma wal_checkpoint(truncate)")
-    wal = vault_path.with_name(vault_path.name + "-wal")
+    db.execute("attach database ? as j", (str(journal_file_for(vault_path)),))
+    db.execute("pragma main.wal_checkpoint(truncate)")
+    db.execute("pragma j.wal_checkpoint(truncate)")
+    wals = [p.with_name(p.name + "-wal") for p in (vault_path, journal_file_for(vault_path))]
     svc.tokenize("email", [f"new{j}@example.com" for j in range(2048)])
-    pages = wal.stat().st_size / 4096
+    pages = sum(wal.stat().st_size for wal in wals) / 4096
     assert pages < 0.1 * 2048, pages
     db.close()
 
@@ -210,13 +220,181 @@ def test_a_vault_of_the_previous_schema_keeps_its_tokens(vault_path: Path) -> No
     tokens = svc.tokenize("email", VALUES[:50])
     svc.store.merge_journal(down=True)  # type: ignore[attr-defined]
     svc.store.close()
+    _drop_journal_file(vault_path)
     db = sqlite3.connect(vault_path)
-    db.executescript("drop table journal; drop table recent; "
+    db.executescript("drop table recent; "
                      "update meta set value = '1' where key = 'schema_version';")
     db.close()
     upgraded = _service(vault_path)
     assert upgraded.tokenize("email", VALUES[:60])[:50] == tokens
     assert _counts(vault_path) == (50, 0, 10)
     db = sqlite3.connect(vault_path)
-    assert db.execute("select value from meta where key = 'schema_version'").fetchone() == ("2",)
+    assert db.execute("select value from meta where key = 'schema_version'").fetchone() == ("3",)
     db.close()
+
+
+def _drop_journal_file(vault_path: Path) -> None:
+    """Back to a vault of before the journal file (schema 1 or 2)."""
+    for suffix in ("", "-wal", "-shm"):
+        journal_file_for(vault_path).with_name(journal_file_for(vault_path).name + suffix
+                                               ).unlink(missing_ok=True)
+    db = sqlite3.connect(vault_path)
+    db.executescript("delete from meta where key in ('journal_id', 'merged_through');")
+    db.close()
+
+
+def test_a_vault_of_schema_2_moves_its_journal_table_into_recent(vault_path: Path) -> None:
+    """Schema 2 kept the journal as a table in the vault file: its records (some merged,
+    some not) keep their tokens and values."""
+    svc = _service(vault_path)
+    merged = svc.tokenize("email", VALUES[:40])
+    svc.store.merge_journal()  # type: ignore[attr-defined]
+    journaled = svc.tokenize("email", VALUES[40:70])
+    svc.store.close()
+    db = sqlite3.connect(vault_path)
+    db.execute("attach database ? as j", (str(journal_file_for(vault_path)),))
+    db.executescript("create table main.journal as select * from j.journal; "
+                     "update main.meta set value = '2' where key = 'schema_version';")
+    db.close()
+    _drop_journal_file(vault_path)
+    upgraded = _service(vault_path)
+    assert _counts(vault_path) == (0, 70, 0)
+    assert upgraded.tokenize("email", VALUES[:70]) == merged + journaled
+    upgraded.store.grant("p", "test")
+    assert upgraded.detokenize(merged + journaled, principal="p") == VALUES[:70]
+
+
+# -- the journal file -----------------------------------------------------------------------
+
+
+def _copy_vault(src: Path, dst: Path, *, with_journal: bool) -> None:
+    """Copy a closed vault's files (its logs checkpointed) as a backup would."""
+    dst.mkdir()
+    names = [src.name, src.name + ".keys", src.name + ".audit-key"]
+    if with_journal:
+        names.append(journal_file_for(src).name)
+    for name in names:
+        (dst / name).write_bytes((src.parent / name).read_bytes())
+        (dst / name).chmod(0o600)
+
+
+def test_a_vault_copied_without_its_journal_file_is_refused(vault_path: Path,
+                                                           tmp_path: Path) -> None:
+    """Attack: a backup of the vault file alone. Opened without its journal, it would know
+    none of the newest tokens and mint second ones for their values; deid refuses it, and a
+    journal file of another vault, by name."""
+    svc = _service(vault_path)
+    token = svc.tokenize("email", ["newest@example.com"])[0]
+    svc.store.close()
+    _copy_vault(vault_path, tmp_path / "alone", with_journal=False)
+    with pytest.raises(VaultUnavailableError, match=r"journal file .* is missing.*restore it"):
+        SQLiteStore(tmp_path / "alone" / vault_path.name)
+    other = tmp_path / "other" / vault_path.name
+    SQLiteStore(other, create=True).close()
+    journal_file_for(other).write_bytes(journal_file_for(vault_path).read_bytes())
+    with pytest.raises(VaultUnavailableError, match="belongs to another vault"):
+        SQLiteStore(other)
+    _copy_vault(vault_path, tmp_path / "both", with_journal=True)
+    whole = _service(tmp_path / "both" / vault_path.name)
+    assert whole.tokenize("email", ["newest@example.com"]) == [token]
+
+
+def test_writers_append_while_a_merge_holds_the_vault_file(vault_path: Path) -> None:
+    """What the journal file is for: a merge holds the vault file's write lock for a second
+    or more, and new values are still appended (and on disk) meanwhile."""
+    writer = VaultTokenService(SQLiteStore(vault_path, create=True, busy_timeout_s=0.5),
+                               cache_size=0, detokenize_cache_size=0)
+    writer.tokenize("email", ["first@example.com"])  # records the current key version
+    merge = sqlite3.connect(vault_path, isolation_level=None)
+    merge.execute("begin immediate")  # the vault file's write lock, as a merge holds it
+    try:
+        tokens = writer.tokenize("email", VALUES[:50])
+        on_disk = sqlite3.connect(journal_file_for(vault_path))
+        assert set(tokens) <= {t for (t,) in on_disk.execute("select token from journal")}
+        on_disk.close()
+    finally:
+        merge.execute("rollback")
+        merge.close()
+
+
+def test_a_merge_stopped_between_its_two_files_loses_and_duplicates_nothing(
+        vault_path: Path) -> None:
+    """A merge commits the copy into `recent`, then the journal's delete; a crash between
+    leaves each record in both files. Lookups, counts, a rewrap and an erasure in that state
+    each see one record, and the next merge finishes the delete."""
+    svc = _service(vault_path)
+    tokens = svc.tokenize("email", VALUES[:40])
+    store = svc.store
+    assert isinstance(store, SQLiteStore)
+    drops = [0]
+    real_drop = store._drop_merged
+
+    def crash_after_the_copy() -> None:
+        drops[0] += 1
+        if drops[0] == 2:  # the delete that follows the copy
+            raise OSError("the process stopped here")
+        real_drop()
+
+    store._drop_merged = crash_after_the_copy  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        store.merge_journal()
+    store._drop_merged = real_drop  # type: ignore[method-assign]
+    raw = sqlite3.connect(journal_file_for(vault_path))
+    assert raw.execute("select count(*) from journal").fetchone() == (40,)  # both files
+    assert _counts(vault_path) == (0, 40, 0)
+    assert store.stats()["tokens"] == {"email (email)": 40}
+
+    other = _service(vault_path)
+    assert other.tokenize("email", VALUES[:40]) == tokens
+    other.store.grant("p", "test")
+    assert other.detokenize(tokens, principal="p") == VALUES[:40]
+
+    ring, _made = store.rotate_keyring(svc.keyring.current)
+    moved = sum(store.update_values([
+        (t, v, type(v)(*ring.encrypt(t, ring.decrypt(t, v.key_version, v.ciphertext))))
+        for t, v in batch]) for batch in store.iter_values(1000))
+    # iter_values reads both copies; each record is rewrapped and counted once.
+    assert moved == 40
+    assert store.key_version_counts() == {ring.current: 40}
+
+    svc.forget("email", values=[VALUES[7]], principal="dpo")
+    with pytest.raises(ErasedTokenError):
+        _service(vault_path).detokenize([tokens[7]], principal="p")
+
+    assert store.merge_journal() == 0  # nothing new to copy: it finishes the delete
+    assert raw.execute("select count(*) from journal").fetchone() == (0,)
+    raw.close()
+    store.retire_key_version(ring.current - 1)
+    assert _service(vault_path).detokenize(tokens[:7], principal="p") == VALUES[:7]
+
+
+def test_merges_on_their_own_thread_keep_every_token(vault_path: Path) -> None:
+    """The default: a writer that fills the journal wakes its process's merge thread and goes
+    on appending; two processes' stores race across those merges."""
+    a = _service(vault_path, journal_rows=64, recent_rows=256, background_merge=True)
+    b = _service(vault_path, journal_rows=64, recent_rows=256, background_merge=True)
+    threads: list[str] = []
+    for store in (a.store, b.store):
+        assert isinstance(store, SQLiteStore)
+        store.merger_idle_s = 0.2
+        real = store.merge_journal
+
+        def seen(real=real, **kw):  # type: ignore[no-untyped-def]
+            threads.append(threading.current_thread().name)
+            return real(**kw)
+
+        store.merge_journal = seen  # type: ignore[method-assign]
+    got_a = [t for i in range(0, 300, 20) for t in a.tokenize("email", VALUES[i : i + 20])]
+    got_b = [t for i in range(0, 300, 30) for t in b.tokenize("email", VALUES[i : i + 30])]
+    assert got_a == got_b and len(set(got_a)) == 300
+    for store in (a.store, b.store):
+        assert isinstance(store, SQLiteStore)
+        merger = store._merger
+        if merger is not None:
+            merger.join(timeout=30)  # an idle merge thread ends
+    assert "deid-vault-merge" in threads  # merged on the merge thread, not the writer
+    in_tokens, in_recent, in_journal = _counts(vault_path)
+    assert in_tokens + in_recent + in_journal == 300 and in_journal < 300
+    reader = _service(vault_path)
+    reader.store.grant("p", "test")
+    assert reader.detokenize(got_a, principal="p") == VALUES

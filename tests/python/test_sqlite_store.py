@@ -19,12 +19,15 @@ SECRET = "read.only.secret@example.com"
 
 @pytest.fixture
 def read_only(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
-    """Make every later SQLite connection of the store read-only, as on a read-only mount
-    (file permissions do not stop root, who runs CI)."""
+    """Make every later SQLite connection of the store read-only, the vault file and the
+    journal file it attaches, as on a read-only mount (file permissions do not stop root,
+    who runs CI)."""
     real = sqlite3.connect
 
     def connect(path: Any, **kwargs: Any) -> sqlite3.Connection:
-        return real(f"file:{path}?mode=ro", uri=True, **kwargs)
+        db = real(path, **kwargs)
+        db.execute("pragma query_only = 1")
+        return db
 
     def switch() -> None:
         monkeypatch.setattr(sqlite_store.sqlite3, "connect", connect)

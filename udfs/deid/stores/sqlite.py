@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,17 +53,25 @@ from .base import (
 
 # 2: new records go to the journal first. Older deid versions read only `tokens` and would
 # mint second tokens for values still in the journal, so they must not open such a vault.
-_SCHEMA_VERSION = 2
+# 3: the journal is a file of its own beside the vault (`<vault>.journal`), so a merge into
+# the indexed levels (a write to the vault file) runs while writers append to the journal.
+_SCHEMA_VERSION = 3
 # Keep well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
 _CHUNK = 2000
 # Journal records before a writer merges them into `recent`: each process's index of the
 # journal holds up to this many entries (~300 bytes each), and a merge moves them in token
 # order in one transaction (~1 s at this size into an empty level).
 DEFAULT_JOURNAL_ROWS = 262_144
-# Every record, wherever it is now (for counts, not for the hot paths).
+# The last journal row a merge has copied into the levels. The copy and the journal's
+# delete are two files' transactions: rows up to the mark may still sit in the journal (same
+# token, same value) until the delete commits.
+_MERGED_THROUGH = ("(select coalesce(max(cast(value as integer)), 0) from main.meta "
+                   "where key = 'merged_through')")
+# Every record, wherever it is now, once (for counts, not for the hot paths).
 _ALL_TOKENS = ("(select domain, kind, key_version from tokens union all "
                "select domain, kind, key_version from recent union all "
-               "select domain, kind, key_version from journal)")
+               "select domain, kind, key_version from j.journal where seq > "
+               f"{_MERGED_THROUGH})")
 # The indexed levels, newest first: the journal merges into `recent`, which merges into
 # `tokens` once it holds RECENT_PER_JOURNAL journals' worth. A merge rewrites about every
 # leaf page of the level it merges into (random keys), so a bounded `recent` keeps the
@@ -98,9 +107,10 @@ class _JournalIndex:
             by_token[token] = seq
             self.seq = seq
 
-_SCHEMA = """
-create table if not exists meta (key text primary key, value text not null);
-create table if not exists journal (
+# The journal file, attached to every connection as `j`.
+_JOURNAL_SCHEMA = """
+create table if not exists j.journal_meta (key text primary key, value text not null);
+create table if not exists j.journal (
     seq integer primary key autoincrement,
     token text not null,
     domain text not null,
@@ -109,6 +119,9 @@ create table if not exists journal (
     key_version integer not null,
     ciphertext blob not null
 );
+"""
+_SCHEMA = """
+create table if not exists meta (key text primary key, value text not null);
 create table if not exists erased (
     token text primary key,
     domain text not null,
@@ -163,6 +176,11 @@ def audit_key_file_for(vault_path: Path) -> Path:
     return vault_path.with_name(vault_path.name + ".audit-key")
 
 
+def journal_file_for(vault_path: Path) -> Path:
+    """The file new records are appended to: part of the vault (it holds the newest tokens)."""
+    return vault_path.with_name(vault_path.name + ".journal")
+
+
 # SQLite's error families (the prefix of sqlite3.Error.sqlite_errorname) → (what, the fix).
 # SQLite's own message is never shown: a constraint message can name a column's content.
 _FIXES = {
@@ -212,15 +230,18 @@ class SQLiteStore(VaultStore):
     file's audit key, as before (`forward_audit=False` keeps a new vault that way too).
     """
 
+    merger_idle_s = 5.0  # a merge thread ends after this long without work
+
     def __init__(self, path: Path, *, create: bool = False, busy_timeout_s: float = 60.0,
                  synchronous: str = "full", cache_mib: int = 64, mmap_mib: int = 1024,
                  forward_audit: bool = True, keys: str | None = None,
                  journal_rows: int = DEFAULT_JOURNAL_ROWS,
-                 recent_rows: int | None = None) -> None:
+                 recent_rows: int | None = None, background_merge: bool = True) -> None:
         if synchronous not in ("full", "normal"):
             raise ConfigError("deid vault: synchronous must be 'full' (every commit reaches the "
                               "disk) or 'normal' (survives a process crash, not a power loss)")
         self.path = Path(path)
+        self.journal_path = journal_file_for(self.path)
         self.url = f"sqlite:///{self.path}"
         self._keys_json = keys  # DEID_KEYS, as the host read it; None: the key file
         self._timeout = busy_timeout_s
@@ -230,9 +251,18 @@ class SQLiteStore(VaultStore):
         self._local = threading.local()
         self._journal_rows = journal_rows
         self._recent_rows = recent_rows or RECENT_PER_JOURNAL * journal_rows
+        self._background_merge = background_merge
         self._journal = _JournalIndex(-1)
         self._journal_lock = threading.Lock()
+        # Threads of this process queue here for each file's write lock (journal first when
+        # a transaction writes both), woken as soon as the writer ahead commits, where
+        # SQLite's busy handler would have them sleep and poll (sleeps of up to 100 ms).
+        # Other processes still wait through the busy timeout.
+        self._append_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._merger: threading.Thread | None = None
+        self._merger_lock = threading.Lock()
+        self._merge_wanted = threading.Event()
         if create:
             _create_directory(self.path)
         elif not self.path.is_file():
@@ -241,18 +271,25 @@ class SQLiteStore(VaultStore):
                 f"`deid init --vault sqlite:///{self.path.absolute()}` (or `deid init` in the dbt "
                 "project), or point DEID_VAULT / the plugin's `vault` at the existing vault. "
                 "deid never creates a vault while building or querying")
-        with self._tx() as db:
-            # executescript would commit the open transaction: run statements one by one
-            # (the trigger's body holds a ';' of its own).
-            schema = _SCHEMA + "".join(_LEVEL_SCHEMA.format(level=lv) for lv in _LEVELS)
+        journal_existed = self.journal_path.is_file()
+        db = self._db()
+        # Tables first, one autocommit statement each (the trigger's body holds a ';' of its
+        # own): a transaction below takes each file's lock through its meta table.
+        schema = (_JOURNAL_SCHEMA + _SCHEMA
+                  + "".join(_LEVEL_SCHEMA.format(level=lv) for lv in _LEVELS))
+        try:
             for statement in schema.split(";\n"):
                 if statement.strip():
                     db.execute(statement)
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "creating the tables of", exc) from None
+        with self._tx(journal=True) as db:
             row = db.execute("select value from meta where key = 'schema_version'").fetchone()
             if row is not None and int(row[0]) > _SCHEMA_VERSION:
                 raise ConfigError(
                     f"deid vault: {self.path} has schema version {row[0]}, newer than this "
                     f"deid understands ({_SCHEMA_VERSION}); upgrade deid on this host")
+            self._pair_journal(db, journal_existed)
             db.execute("insert or replace into meta values ('schema_version', ?)",
                        (str(_SCHEMA_VERSION),))
             started = db.execute("select 1 from meta where key = 'audit_state'").fetchone() \
@@ -260,8 +297,33 @@ class SQLiteStore(VaultStore):
             if forward_audit and not started:
                 first = _audit.create_audit_key_file(audit_key_file_for(self.path))
                 self._put_state(db, 1, first)
-        with contextlib.suppress(OSError):  # e.g. a mount owned by someone else
-            self.path.chmod(0o600)
+        for made in (self.path, self.journal_path):
+            with contextlib.suppress(OSError):  # e.g. a mount owned by someone else
+                made.chmod(0o600)
+
+    def _pair_journal(self, db: sqlite3.Connection, journal_existed: bool) -> None:
+        """Check that the journal file is this vault's (a random id in both files), or make
+        it so for a new vault, moving a schema-2 journal table into `recent` on the way."""
+        ours = db.execute("select value from main.meta where key = 'journal_id'").fetchone()
+        theirs = db.execute("select value from j.journal_meta where key = 'journal_id'"
+                            ).fetchone()
+        if ours is None and theirs is None:
+            if db.execute("select 1 from main.sqlite_master where type = 'table' and "
+                          "name = 'journal'").fetchone():
+                db.execute(f"insert into main.recent select {_COLUMNS} from main.journal "
+                           "order by token")
+                db.execute("drop table main.journal")
+            made = secrets.token_hex(16)
+            db.execute("insert into main.meta values ('journal_id', ?)", (made,))
+            db.execute("insert into j.journal_meta values ('journal_id', ?)", (made,))
+            return
+        if ours is None or theirs is None or ours[0] != theirs[0]:
+            what = ("is missing" if not journal_existed or theirs is None
+                    else "belongs to another vault")
+            raise VaultUnavailableError(
+                f"deid vault: the journal file {self.journal_path} {what}; it holds the "
+                f"vault's newest tokens and values: restore it together with {self.path} "
+                "(copy the vault's files together, their -wal files too, or neither)")
 
     # -- connections ------------------------------------------------------------------
 
@@ -271,22 +333,24 @@ class SQLiteStore(VaultStore):
             try:
                 db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
                                      check_same_thread=True)
-                db.execute("pragma journal_mode=wal")
-                # FULL (default): a token that reached a mart must never be lost from the
-                # vault, and an audit record is on disk before the values it covers leave.
-                db.execute(f"pragma synchronous={self._synchronous}")
-                # The page cache is part of the memory bound: fixed, not grown with the vault.
-                db.execute(f"pragma cache_size=-{self._cache_kib}")
-                # Reads through a memory map: a fresh process looks tokens up without a
-                # system call per page (bounded, and the kernel may reclaim these pages).
-                db.execute(f"pragma mmap_size={self._mmap_bytes}")
+                db.execute("attach database ? as j", (str(self.journal_path),))
+                for schema in ("main", "j"):
+                    db.execute(f"pragma {schema}.journal_mode=wal")
+                    # FULL (default): a token that reached a mart must never be lost from the
+                    # vault, and an audit record is on disk before the values it covers leave.
+                    db.execute(f"pragma {schema}.synchronous={self._synchronous}")
+                    # The page cache is part of the memory bound: fixed, not grown with the
+                    # vault.
+                    db.execute(f"pragma {schema}.cache_size=-{self._cache_kib}")
+                    # Reads through a memory map: a fresh process looks tokens up without a
+                    # system call per page (bounded, and the kernel may reclaim these pages).
+                    db.execute(f"pragma {schema}.mmap_size={self._mmap_bytes}")
+                    db.execute(f"pragma {schema}.secure_delete=on")  # see Erasure below
+                    db.execute(f"pragma {schema}.journal_size_limit=67108864")
                 db.execute("pragma foreign_keys=on")
-                db.execute("pragma secure_delete=on")  # see Erasure below
-                # New tokens land at random keys in two B-trees, so a vector of 2,048 dirties
-                # thousands of pages: checkpoint every 64 MiB of log, not SQLite's 4 MiB (which
-                # copied every commit's pages back at once), and cut the log back afterwards.
+                # A merge writes a quarter of a million records at once: checkpoint every 64
+                # MiB of log, not SQLite's 4 MiB, and cut the log back afterwards (above).
                 db.execute("pragma wal_autocheckpoint=16384")
-                db.execute("pragma journal_size_limit=67108864")
             except sqlite3.Error as exc:
                 if db is not None:
                     db.close()
@@ -295,23 +359,32 @@ class SQLiteStore(VaultStore):
         return db
 
     @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        if not write:
-            with self._begun(write) as db:
+    def _tx(self, write: bool = True, *, journal: bool = False
+            ) -> Iterator[sqlite3.Connection]:
+        """A transaction that writes the vault file (`write`), the journal file (`journal`),
+        both, or neither (a read). Its write locks are taken when it begins, the journal's
+        first: no lock is ever upgraded, and two transactions never wait for each other's."""
+        with contextlib.ExitStack() as held:
+            locks = []
+            if journal:
+                held.enter_context(self._append_lock)
+                locks.append("j.journal_meta")
+            if write:
+                held.enter_context(self._write_lock)
+                locks.append("main.meta")
+            with self._begun(locks) as db:
                 yield db
-            return
-        # Threads of this process queue here and are woken as soon as the writer ahead
-        # commits, where SQLite's busy handler would have them sleep and poll (sleeps of up
-        # to 100 ms). Other processes still wait through the busy timeout.
-        with self._write_lock, self._begun(write) as db:
-            yield db
 
     @contextmanager
-    def _begun(self, write: bool) -> Iterator[sqlite3.Connection]:
+    def _begun(self, locks: Sequence[str]) -> Iterator[sqlite3.Connection]:
         db = self._db()
         try:
-            db.execute("begin immediate" if write else "begin")
+            db.execute("begin")
+            for table in locks:  # a write that changes nothing takes that file's lock
+                db.execute(f"update {table} set value = value where 0")
         except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("rollback")
             raise _store_error(self.path, "a transaction on", exc) from None
         try:
             yield db
@@ -352,7 +425,9 @@ class SQLiteStore(VaultStore):
                 # The key file first: a version is recorded as current only once its key
                 # exists, so a writer told to reload always finds it.
                 _keys.write_key_file(key_file, ring, exclusive=False)
-            with self._tx() as db:
+            # Both files' locks: a writer appending under the old version holds the
+            # journal's, and finishes first or sees the new current version.
+            with self._tx(journal=True) as db:
                 self._record_current(db, ring.current)
         self.reload_keyring()
         return ring, made
@@ -413,7 +488,7 @@ class SQLiteStore(VaultStore):
                 return None
             if epoch != index.epoch:
                 index = _JournalIndex(epoch)
-            rows = db.execute("select seq, domain, fingerprint, token from journal "
+            rows = db.execute("select seq, domain, fingerprint, token from j.journal "
                               "where seq > ? order by seq", (index.seq,)).fetchall()
             index.add(rows)
             self._journal = index
@@ -421,23 +496,19 @@ class SQLiteStore(VaultStore):
 
     @staticmethod
     def _epoch_of(db: sqlite3.Connection) -> int:
-        """The journal epoch of `db`'s open transaction: bumped by every merge, the only way
-        a record enters an indexed level, and by every erasure."""
-        row = db.execute("select value from meta where key = 'journal_epoch'").fetchone()
+        """The journal epoch of `db`'s open transaction: bumped when a merge deletes the rows
+        it copied into a level (the only way a record enters one), and by every erasure."""
+        row = db.execute("select value from j.journal_meta where key = 'journal_epoch'"
+                         ).fetchone()
         return int(row[0]) if row else 0
 
-    def _learn(self, epoch: int, after: int, last: int, records: Sequence[NewRecord],
-               merged: bool) -> None:
+    def _learn(self, epoch: int, after: int, last: int, records: Sequence[NewRecord]) -> None:
         """After a commit: add what this writer appended (seqs after+1..last) to the index,
-        or start an empty one after a merge, unless another thread moved the index on."""
+        unless another thread moved the index on."""
         with self._journal_lock:
             index = self._journal
             if index.epoch != epoch or index.seq != after:
                 return  # the next catch-up reads them
-            if merged:
-                index = self._journal = _JournalIndex(epoch + 1)
-                index.seq = last
-                return
             index.add((seq, r.domain, r.fingerprint, r.token)
                       for seq, r in enumerate(records, start=last - len(records) + 1))
 
@@ -480,7 +551,7 @@ class SQLiteStore(VaultStore):
                 found = {fp: journaled[fp] for fp in fingerprints if fp in journaled}
             else:
                 found = dict(self._select_in(
-                    db, "select fingerprint, token from journal where domain = ? and "
+                    db, "select fingerprint, token from j.journal where domain = ? and "
                     "fingerprint in", (domain,), fingerprints))
             rest = [fp for fp in fingerprints if fp not in found] if found else fingerprints
             if rest:
@@ -505,11 +576,11 @@ class SQLiteStore(VaultStore):
         # caught up below) can hold it. Saves looking each new value up twice.
         absent_epoch, absent_domain, absent = self._local.__dict__.pop("absent",
                                                                        (None, None, set()))
-        with self._tx() as db:
+        # The journal file's lock only: a merge may be writing the vault file meanwhile.
+        # The levels are read in a snapshot taken after the lock (see _merge).
+        with self._tx(write=False, journal=True) as db:
             row = db.execute("select value from meta where key = 'key_current'").fetchone()
             newer = check_key_versions(int(row[0]) if row else None, records)
-            if newer is not None:
-                self._record_current(db, newer)
             index = self._catch_up(db, writing=True)
             assert index is not None
             epoch, after = index.epoch, index.seq
@@ -534,44 +605,107 @@ class SQLiteStore(VaultStore):
                 taken.add(r.token)
                 winners[r.fingerprint] = r.token
                 new.append(r)
-            merged = False
             last = after
             if new:
                 db.executemany(
-                    f"insert into journal ({_COLUMNS}) values (?, ?, ?, ?, ?, ?)",
+                    f"insert into j.journal ({_COLUMNS}) values (?, ?, ?, ?, ?, ?)",
                     [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
                      for r in new])
                 last = db.execute("select last_insert_rowid()").fetchone()[0]
-                if len(index.by_token) + len(new) >= self._journal_rows:
-                    self._merge(db)
-                    merged = True
-        self._learn(epoch, after, last, new, merged)
+            pending = len(index.by_token) + len(new)
+        if newer is not None:
+            # Records under a key version the vault has not recorded as current (a rotation
+            # wrote the key file and stopped before recording it): record it, as a rotation
+            # does, with both files locked; the records stand (the version's key exists).
+            with self._tx(journal=True) as db:
+                self._record_current(db, newer)
+        self._learn(epoch, after, last, new)
+        if pending >= self._journal_rows:
+            self._merge_soon(pending)
         return winners
 
-    def _merge(self, db: sqlite3.Connection, *, down: bool = False) -> None:
-        """Move the journal into `recent`, and `recent` into `tokens` when it is full (or
-        `down`), in token order (sorted inserts dirty each page once), inside the caller's
-        transaction."""
-        db.execute(f"pragma cache_size=-{max(self._cache_kib, _MERGE_CACHE_KIB)}")
-        try:
-            db.execute(f"insert into recent select {_COLUMNS} from journal order by token")
-            db.execute("delete from journal")
-            db.execute("insert into meta values ('journal_epoch', '1') on conflict (key) do "
-                       "update set value = cast(value as integer) + 1")
-            full = db.execute("select count(*) from recent").fetchone()[0] >= self._recent_rows
-            if down or full:
-                db.execute(f"insert into tokens select {_COLUMNS} from recent order by token")
-                db.execute("delete from recent")
-        finally:
-            db.execute(f"pragma cache_size=-{self._cache_kib}")
+    # -- merges -----------------------------------------------------------------------------
+    #
+    # A merge copies journal rows into `recent` in one transaction on the vault file, with the
+    # mark `merged_through`, then deletes them from the journal and bumps the journal's epoch
+    # in one transaction on the journal file. Neither waits for the other file's lock, so
+    # writers keep appending while a merge writes the vault file (on its own thread, and
+    # SQLite runs without the interpreter lock: on another core). Readers and writers read
+    # the journal before the levels: a row absent from their journal snapshot was deleted
+    # after its copy committed, so their later snapshot of the vault file holds the copy.
+    # Between the two commits (or after a crash there) a record is in both files, with the
+    # same token and value; the next merge starts by finishing the delete.
 
-    def merge_journal(self, *, down: bool = False) -> int:
-        """Merge the journal now (and `recent` into `tokens` if `down`); return how many
-        journal records moved."""
-        with self._tx() as db:
-            n = db.execute("select count(*) from journal").fetchone()[0]
-            self._merge(db, down=down)
-        return int(n)
+    def _merge_soon(self, pending: int) -> None:
+        """The journal holds `pending` rows, at least `journal_rows`: merge on this process's
+        merge thread, or here if the journal has grown to four times that (the merges cannot
+        keep up, or they fail: then this writer sees why)."""
+        if not self._background_merge or pending >= 4 * self._journal_rows:
+            self.merge_journal()
+            return
+        with self._merger_lock:
+            self._merge_wanted.set()
+            if self._merger is None or not self._merger.is_alive():
+                self._merger = threading.Thread(target=self._merge_loop, daemon=True,
+                                                name="deid-vault-merge")
+                self._merger.start()
+
+    def _merge_loop(self) -> None:
+        """The merge thread: merges when woken, ends after a few idle seconds."""
+        try:
+            while True:
+                if not self._merge_wanted.wait(timeout=self.merger_idle_s):
+                    with self._merger_lock:  # no writer can wake it between look and exit
+                        if not self._merge_wanted.is_set():
+                            self._merger = None
+                            return
+                self._merge_wanted.clear()
+                try:
+                    self.merge_journal(only_if_full=True)
+                except Exception:
+                    # The journal grows, and the writer that finds it at four times
+                    # `journal_rows` merges itself: the error reaches it.
+                    with self._merger_lock:
+                        self._merger = None
+                    return
+        finally:
+            self.close()  # this thread's connection
+
+    def merge_journal(self, *, down: bool = False, only_if_full: bool = False) -> int:
+        """Merge the journal into `recent` now (and `recent` into `tokens` when it is full,
+        or `down`); return how many journal records moved. `only_if_full`: unless another
+        process merged meanwhile."""
+        self._drop_merged()
+        with self._tx() as db:  # the vault file
+            mark = db.execute(f"select {_MERGED_THROUGH}").fetchone()[0]
+            # The journal's snapshot is taken here, after the vault file's lock.
+            last = db.execute("select coalesce(max(seq), 0) from j.journal").fetchone()[0]
+            if only_if_full and last - mark < self._journal_rows:
+                return 0
+            db.execute(f"pragma main.cache_size=-{max(self._cache_kib, _MERGE_CACHE_KIB)}")
+            try:
+                moved = db.execute(f"insert into main.recent select {_COLUMNS} from j.journal "
+                                   "where seq > ? and seq <= ? order by token",
+                                   (mark, last)).rowcount
+                db.execute("insert into main.meta values ('merged_through', ?) on conflict "
+                           "(key) do update set value = excluded.value", (str(last),))
+                full = db.execute("select count(*) from recent").fetchone()[0] \
+                    >= self._recent_rows
+                if down or full:
+                    db.execute(f"insert into tokens select {_COLUMNS} from recent "
+                               "order by token")
+                    db.execute("delete from recent")
+            finally:
+                db.execute(f"pragma main.cache_size=-{self._cache_kib}")
+        self._drop_merged()
+        return int(moved)
+
+    def _drop_merged(self) -> None:
+        """Delete the journal rows a merge has copied (its second transaction)."""
+        with self._tx(write=False, journal=True) as db:
+            if db.execute(f"delete from j.journal where seq <= {_MERGED_THROUGH}").rowcount:
+                db.execute("insert into j.journal_meta values ('journal_epoch', '1') on "
+                           "conflict (key) do update set value = cast(value as integer) + 1")
 
     def fetch_values(self, tokens: Sequence[str]) -> dict[str, StoredValue]:
         out: dict[str, StoredValue] = {}
@@ -579,13 +713,13 @@ class SQLiteStore(VaultStore):
             index = self._catch_up(db)
             rows: list[tuple[Any, ...]]
             if index is None:
-                rows = self._select_in(db, "select token, key_version, ciphertext from journal "
-                                       "where token in", (), tokens)
+                rows = self._select_in(db, "select token, key_version, ciphertext from "
+                                       "j.journal where token in", (), tokens)
             else:
                 seq_of = index.by_token
-                rows = self._select_in(db, "select token, key_version, ciphertext from journal "
-                                       "where seq in", (), [seq_of[t] for t in tokens
-                                                            if t in seq_of])
+                rows = self._select_in(db, "select token, key_version, ciphertext from "
+                                       "j.journal where seq in", (), [seq_of[t] for t in tokens
+                                                                      if t in seq_of])
             for token, version, blob in rows:
                 out[token] = StoredValue(version, blob)
             rest = [t for t in tokens if t not in out] if out else tokens
@@ -597,9 +731,10 @@ class SQLiteStore(VaultStore):
     def iter_values(self, batch_size: int = 10_000) -> Iterator[list[tuple[str, StoredValue]]]:
         # Each table in the order of its own key; a record merged meanwhile may be seen
         # twice or not at all, so callers loop until nothing is left to do (keys rewrap).
+        # Journal rows up to the merge mark have their copy in a level: read there.
         for table, key, first in (("tokens", "token", ""), ("recent", "token", ""),
-                                  ("journal", "seq", 0)):
-            last: Any = first
+                                  ("j.journal", "seq", None)):
+            last: Any = self._read(f"select {_MERGED_THROUGH}")[0][0] if first is None else first
             while True:
                 rows = self._read(
                     f"select {key}, token, key_version, ciphertext from {table} "
@@ -610,22 +745,33 @@ class SQLiteStore(VaultStore):
                 last = rows[-1][0]
 
     def update_values(self, rows: Sequence[tuple[str, StoredValue, StoredValue]]) -> int:
-        with self._tx() as db:
+        with self._tx(journal=True) as db:
             index = self._catch_up(db, writing=True)
             assert index is not None
             seq = index.by_token
-            before = db.total_changes
-            # A record is in one of the tables (a merge runs under this same write lock).
+            mark = db.execute(f"select {_MERGED_THROUGH}").fetchone()[0]
+
+            def update(table: str, key: str, which: list[tuple[Any, ...]]) -> int:
+                before = db.total_changes
+                db.executemany(f"update {table} set key_version = ?, ciphertext = ? where "
+                               f"{key} = ? and key_version = ? and ciphertext = ?", which)
+                return db.total_changes - before
+
+            def args(keyed: Iterable[tuple[Any, StoredValue, StoredValue]]
+                     ) -> list[tuple[Any, ...]]:
+                return [(new.key_version, new.ciphertext, k, old.key_version, old.ciphertext)
+                        for k, old, new in keyed]
+
+            journaled = args((seq[t], old, new) for t, old, new in rows if t in seq)
+            leveled = args((t, old, new) for t, old, new in rows if t not in seq)
+            # A journal row up to the merge mark has its copy in a level too: both change,
+            # counted once.
+            copied = args((t, old, new) for t, old, new in rows if t in seq and seq[t] <= mark)
+            changed = update("j.journal", "seq", journaled)
             for level in _LEVELS:
-                db.executemany(f"update {level} set key_version = ?, ciphertext = ? where "
-                               "token = ? and key_version = ? and ciphertext = ?",
-                               [(new.key_version, new.ciphertext, t, old.key_version,
-                                 old.ciphertext) for t, old, new in rows if t not in seq])
-            db.executemany("update journal set key_version = ?, ciphertext = ? where seq = ? "
-                           "and key_version = ? and ciphertext = ?",
-                           [(new.key_version, new.ciphertext, seq[t], old.key_version,
-                             old.ciphertext) for t, old, new in rows if t in seq])
-            return db.total_changes - before
+                changed += update(level, "token", leveled)
+                update(level, "token", copied)
+            return changed
 
     # -- erasure ----------------------------------------------------------------------------
     #
@@ -644,7 +790,7 @@ class SQLiteStore(VaultStore):
         at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
         out: list[Erasure] = []
         journal_changed = False
-        with self._tx() as tx:
+        with self._tx(journal=True) as tx:
             for i in range(0, len(keys), _CHUNK):
                 chunk = list(keys[i : i + _CHUNK])
                 marks = ",".join("?" * len(chunk))
@@ -653,13 +799,13 @@ class SQLiteStore(VaultStore):
                     f"({marks})", (domain, *chunk)).fetchall()]
                 # The journal has no index but its rowid: a scan (erasures are rare).
                 recent = tx.execute(
-                    f"select token, kind, seq from journal where domain = ? and {column} "
+                    f"select token, kind, seq from j.journal where domain = ? and {column} "
                     f"in ({marks})", (domain, *chunk)).fetchall()
                 if not rows and not recent:
                     continue
-                found = [Erasure(t, domain, k, at)
-                         for t, k in [*((t, k) for _l, t, k in rows),
-                                      *((t, k) for t, k, _s in recent)]]
+                # A record merged but not yet deleted from the journal is in both: once.
+                found = [Erasure(t, domain, k, at) for t, k in dict(
+                    [*((t, k) for _l, t, k in rows), *((t, k) for t, k, _s in recent)]).items()]
                 tx.executemany("insert into erased values (?, ?, ?, ?)",
                                [(e.token, e.domain, e.kind, e.erased_at) for e in found])
                 for level in _LEVELS:
@@ -667,13 +813,13 @@ class SQLiteStore(VaultStore):
                                    [(t,) for at_level, t, _k in rows if at_level == level])
                 out.extend(found)
                 if recent:
-                    tx.executemany("delete from journal where seq = ?",
+                    tx.executemany("delete from j.journal where seq = ?",
                                    [(seq,) for _t, _k, seq in recent])
                     journal_changed = True
             if journal_changed:
                 # Processes drop their index of the journal (it names erased tokens).
-                tx.execute("insert into meta values ('journal_epoch', '1') on conflict "
-                           "(key) do update set value = cast(value as integer) + 1")
+                tx.execute("insert into j.journal_meta values ('journal_epoch', '1') on "
+                           "conflict (key) do update set value = cast(value as integer) + 1")
             if out:
                 tx.execute("insert into meta values ('erasure_epoch', '1') on conflict "
                            "(key) do update set value = cast(value as integer) + 1")
@@ -692,12 +838,13 @@ class SQLiteStore(VaultStore):
     def purge_erased(self) -> None:
         db = self._db()
         try:
-            busy = db.execute("pragma wal_checkpoint(truncate)").fetchone()[0]
+            busy = sum(db.execute(f"pragma {schema}.wal_checkpoint(truncate)").fetchone()[0]
+                       for schema in ("main", "j"))
         except sqlite3.Error:
             busy = 1
         if busy:
             raise VaultUnavailableError(
-                f"deid forget: erased, but the write-ahead log of {self.path} could not be "
+                f"deid forget: erased, but the write-ahead logs of {self.path} could not be "
                 "emptied while other processes read the vault; it may still hold the erased "
                 "ciphertext: run the same deid forget again when they are done")
 
@@ -804,7 +951,7 @@ class SQLiteStore(VaultStore):
                    and getattr(self._local, "query", None) == query)
         db = self._db()
         if relaxed:
-            db.execute("pragma synchronous=normal")
+            db.execute("pragma main.synchronous=normal")
         try:
             with self._tx() as db:
                 head = db.execute(
@@ -826,7 +973,7 @@ class SQLiteStore(VaultStore):
                            (seq, _audit.encode(record), prev, digest))
         finally:
             if relaxed:
-                db.execute(f"pragma synchronous={self._synchronous}")
+                db.execute(f"pragma main.synchronous={self._synchronous}")
         self._local.query = query
         return {**record, "prev": prev, "hash": digest}
 
@@ -870,7 +1017,8 @@ class SQLiteStore(VaultStore):
                 "order by 1, 2")},
             "key_versions": {str(v): n for v, n in self._read(
                 f"select key_version, count(*) from {_ALL_TOKENS} group by 1 order by 1")},
-            "journal": self._read("select count(*) from journal")[0][0],
+            "journal": self._read("select count(*) from j.journal where seq > "
+                                  f"{_MERGED_THROUGH}")[0][0],
             "erased": self._read("select count(*) from erased")[0][0],
             "principals": len(self.principals()),
             "tokenize_grants": len(self.tokenize_grants()),
@@ -894,7 +1042,8 @@ def _create_directory(path: Path) -> None:
             ignore.write_text("# created by deid init: the vault and its keys never go into "
                               "git\n*\n")
             return
-        names = [f"/{path.name}{suffix}" for suffix in ("", "-wal", "-shm", "-journal")]
+        names = [f"/{name}{suffix}" for name in (path.name, journal_file_for(path).name)
+                 for suffix in ("", "-wal", "-shm", "-journal")]
         names += [f"/{_keys.key_file_for(path).name}", f"/{audit_key_file_for(path).name}"]
         present = ignore.read_text().splitlines() if ignore.exists() else []
         missing = [n for n in names if n not in present]
