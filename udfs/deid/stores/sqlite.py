@@ -85,16 +85,29 @@ _MERGE_CACHE_KIB = 256 * 1024
 
 
 class _JournalIndex:
-    """One process's index of the journal at `epoch`: rows up to `seq`, by domain and
-    fingerprint (for tokenize) and by token (for detokenize and the uniqueness check)."""
+    """One process's index of the journal at `epoch`: rows after `dropped` up to `seq`, by
+    domain and fingerprint (for tokenize) and by token (for detokenize and the uniqueness
+    check)."""
 
-    __slots__ = ("by_fingerprint", "by_token", "epoch", "seq")
+    __slots__ = ("by_fingerprint", "by_token", "dropped", "epoch", "seq")
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.seq = 0
+        self.dropped = 0
         self.by_fingerprint: dict[str, dict[bytes, str]] = {}
         self.by_token: dict[str, int] = {}
+
+    def drop(self, through: int) -> None:
+        """Forget rows up to `through`, which a merge copied into a level and deleted. New
+        dicts, not deletions: a thread reading the old ones meanwhile still sees a whole
+        index (its rows are in the journal or, copied, in its later snapshot of a level)."""
+        by_token = self.by_token
+        self.by_token = {t: s for t, s in by_token.items() if s > through}
+        self.by_fingerprint = {
+            domain: {fp: t for fp, t in by_fp.items() if by_token[t] > through}
+            for domain, by_fp in self.by_fingerprint.items()}
+        self.dropped = through
 
     def add(self, rows: Iterable[tuple[int, str, bytes, str]]) -> None:
         """Index journal rows (seq, domain, fingerprint, token), in seq order."""
@@ -478,16 +491,19 @@ class SQLiteStore(VaultStore):
 
     def _catch_up(self, db: sqlite3.Connection, *, writing: bool = False) -> _JournalIndex | None:
         """This process's journal index, brought up to `db`'s open transaction. None when
-        that snapshot predates a merge or erasure the index already reflects (another thread
-        of this process saw it first): the caller then reads the journal itself. A writer's
-        snapshot is the newest, so it always gets an index."""
-        epoch = self._epoch_of(db)
+        that snapshot predates an erasure the index already reflects (another thread of this
+        process saw it first): the caller then reads the journal itself. A writer's snapshot
+        is the newest, so it always gets an index. Rows a merge deleted are dropped from the
+        index, not read again: an index behind a merge costs no more than the merge's rows."""
+        epoch, dropped = self._journal_marks(db)
         with self._journal_lock:
             index = self._journal
             if epoch < index.epoch and not writing:
                 return None
             if epoch != index.epoch:
                 index = _JournalIndex(epoch)
+            if dropped > index.dropped:
+                index.drop(dropped)
             rows = db.execute("select seq, domain, fingerprint, token from j.journal "
                               "where seq > ? order by seq", (index.seq,)).fetchall()
             index.add(rows)
@@ -495,12 +511,13 @@ class SQLiteStore(VaultStore):
             return index
 
     @staticmethod
-    def _epoch_of(db: sqlite3.Connection) -> int:
-        """The journal epoch of `db`'s open transaction: bumped when a merge deletes the rows
-        it copied into a level (the only way a record enters one), and by every erasure."""
-        row = db.execute("select value from j.journal_meta where key = 'journal_epoch'"
-                         ).fetchone()
-        return int(row[0]) if row else 0
+    def _journal_marks(db: sqlite3.Connection) -> tuple[int, int]:
+        """(epoch, dropped) in `db`'s open transaction: the epoch is bumped by every erasure
+        (an index of an older one is rebuilt); `dropped` is the last row a merge deleted
+        after copying it into a level (the only way a record enters one)."""
+        marks = dict(db.execute("select key, cast(value as integer) from j.journal_meta "
+                                "where key in ('journal_epoch', 'dropped_through')"))
+        return marks.get("journal_epoch", 0), marks.get("dropped_through", 0)
 
     def _learn(self, epoch: int, after: int, last: int, records: Sequence[NewRecord]) -> None:
         """After a commit: add what this writer appended (seqs after+1..last) to the index,
@@ -558,7 +575,7 @@ class SQLiteStore(VaultStore):
                 found.update(self._probe(db, rest, _LEVELS, "fingerprint", domain))
             # For this thread's next insert: the fingerprints the levels lacked in this
             # snapshot, and its epoch (see insert_tokens).
-            self._local.absent = (self._epoch_of(db), domain,
+            self._local.absent = (self._journal_marks(db), domain,
                                   {fp for fp in rest if fp not in found})
             return found
 
@@ -571,10 +588,10 @@ class SQLiteStore(VaultStore):
         if not records:
             return {}
         # What this thread's last lookup found absent from the levels. Only a merge adds
-        # records to a level, and every merge bumps the epoch: at the same epoch, a
-        # fingerprint absent then is absent now, and only the journal (whose index is
-        # caught up below) can hold it. Saves looking each new value up twice.
-        absent_epoch, absent_domain, absent = self._local.__dict__.pop("absent",
+        # records to a level, and they stay in the journal until it moves `dropped`: at the
+        # same marks, a fingerprint absent then is absent from the levels now or in the
+        # journal (whose index is caught up below). Saves looking each new value up twice.
+        absent_marks, absent_domain, absent = self._local.__dict__.pop("absent",
                                                                        (None, None, set()))
         # The journal file's lock only: a merge may be writing the vault file meanwhile.
         # The levels are read in a snapshot taken after the lock (see _merge).
@@ -584,13 +601,14 @@ class SQLiteStore(VaultStore):
             index = self._catch_up(db, writing=True)
             assert index is not None
             epoch, after = index.epoch, index.seq
+            marks = (index.epoch, index.dropped)
             winners: dict[bytes, str] = {}
             for domain in {r.domain for r in records}:
                 journaled = index.by_fingerprint.get(domain, {})
                 fps = [r.fingerprint for r in records if r.domain == domain]
                 winners.update((fp, journaled[fp]) for fp in fps if fp in journaled)
                 unseen = [fp for fp in fps if fp not in winners]
-                if (absent_epoch != epoch or absent_domain != domain
+                if (absent_marks != marks or absent_domain != domain
                         or not absent.issuperset(unseen)):
                     winners.update(self._probe(db, unseen, _LEVELS, "fingerprint", domain))
             fresh = [r for r in records if r.fingerprint not in winners]
@@ -703,9 +721,10 @@ class SQLiteStore(VaultStore):
     def _drop_merged(self) -> None:
         """Delete the journal rows a merge has copied (its second transaction)."""
         with self._tx(write=False, journal=True) as db:
-            if db.execute(f"delete from j.journal where seq <= {_MERGED_THROUGH}").rowcount:
-                db.execute("insert into j.journal_meta values ('journal_epoch', '1') on "
-                           "conflict (key) do update set value = cast(value as integer) + 1")
+            mark = db.execute(f"select {_MERGED_THROUGH}").fetchone()[0]
+            if db.execute("delete from j.journal where seq <= ?", (mark,)).rowcount:
+                db.execute("insert into j.journal_meta values ('dropped_through', ?) on "
+                           "conflict (key) do update set value = excluded.value", (str(mark),))
 
     def fetch_values(self, tokens: Sequence[str]) -> dict[str, StoredValue]:
         out: dict[str, StoredValue] = {}
