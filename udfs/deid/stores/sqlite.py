@@ -1,8 +1,10 @@
-"""The embedded vault: one SQLite file (WAL), safe under concurrent threads and processes.
+"""The embedded vault: an SQLite file and its journal file (WAL), safe under concurrent
+threads and processes.
 
-Convergence under concurrency: new tokens are written inside a ``BEGIN IMMEDIATE``
-transaction (one writer at a time across processes) after looking every fingerprint and
-token up in that same transaction, so two writers that see one new value return one token.
+Convergence under concurrency: new tokens are appended inside a transaction that holds the
+journal file's write lock (one appender at a time across processes) after looking every
+fingerprint and token up in that same transaction, so two writers that see one new value
+return one token.
 
 New records land in an append-only journal, not in the indexed ``tokens`` table. A record in
 ``tokens`` sits at a random key in two B-trees (token, fingerprint), so each new value dirtied
@@ -11,11 +13,14 @@ values cost ~40 ms of commit, capping new values at ~45k/s. Journal rows are app
 the end of one B-tree (a few pages per vector) and the commit stays synced: a token is on
 disk before it is returned, as before. Each process indexes the journal in memory (catching
 up on the rows appended since its last look, inside its own read snapshot), and once the
-journal holds `journal_rows` records a writer moves them in token order (sorted inserts dirty
-each page once) into ``recent``, and ``recent`` into ``tokens`` when it is full, in the
-transaction that crosses the threshold (docs/decisions/007-sqlite-journal.md). Rows leave the
-journal only by that merge or by an erasure, and both bump ``journal_epoch``, so a process
-whose index predates either rebuilds it.
+journal holds `journal_rows` records the process's merge thread copies them in token order
+(sorted inserts dirty each page once) into ``recent``, and ``recent`` into ``tokens`` when it
+is full (docs/decisions/007-sqlite-journal.md). The journal is a file of its own,
+``<vault>.journal``, attached to every connection as ``j``: a merge holds the vault file's
+write lock, not the journal's, so writers keep appending while it runs, and SQLite's C code
+runs it on the second core (docs/decisions/008-journal-file.md). Rows leave the journal by a
+merge (which records ``dropped_through``: indexes forget those rows) or by an erasure (which
+bumps ``journal_epoch``: indexes are rebuilt).
 """
 
 from __future__ import annotations
