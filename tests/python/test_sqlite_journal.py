@@ -398,3 +398,37 @@ def test_merges_on_their_own_thread_keep_every_token(vault_path: Path) -> None:
     reader = _service(vault_path)
     reader.store.grant("p", "test")
     assert reader.detokenize(got_a, principal="p") == VALUES
+
+
+_EXIT_DURING_A_MERGE = """
+import sys, time
+from pathlib import Path
+from deid.service import VaultTokenService
+from deid.stores.sqlite import SQLiteStore
+
+store = SQLiteStore(Path(sys.argv[1]), journal_rows=64)
+real = store.merge_journal
+
+def slow(**kw):
+    time.sleep(0.5)  # a merge that takes a while, as one of 262,144 rows does
+    return real(**kw)
+
+store.merge_journal = slow
+svc = VaultTokenService(store, cache_size=0)
+svc.tokenize("email", [f"p{i}@example.com" for i in range(100)])  # wakes the merge thread
+time.sleep(0.1)  # the merge is under way; the process exits now
+"""
+
+
+def test_a_process_that_exits_during_a_merge_lets_it_finish(vault_path: Path) -> None:
+    """A merge thread cut off by the process's exit would leave the journal full: every
+    later process reads it all into its index, and the next writer merges it again."""
+    import os
+    import subprocess
+    import sys
+
+    _service(vault_path).store.close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", _EXIT_DURING_A_MERGE, str(vault_path)], check=True,
+                   env=env, timeout=60)
+    assert _counts(vault_path) == (0, 100, 0)

@@ -25,11 +25,13 @@ bumps ``journal_epoch``: indexes are rebuilt).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as _dt
 import secrets
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -279,6 +281,7 @@ class SQLiteStore(VaultStore):
         self._append_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._merger: threading.Thread | None = None
+        self._exiting = False
         self._merger_lock = threading.Lock()
         self._merge_wanted = threading.Event()
         if create:
@@ -672,17 +675,19 @@ class SQLiteStore(VaultStore):
                 self._merger = threading.Thread(target=self._merge_loop, daemon=True,
                                                 name="deid-vault-merge")
                 self._merger.start()
+                _merging.add(self)
 
     def _merge_loop(self) -> None:
-        """The merge thread: merges when woken, ends after a few idle seconds."""
+        """The merge thread: merges when woken, ends after a few idle seconds (or at once when
+        the process exits, after the merge under way)."""
         try:
             while True:
-                if not self._merge_wanted.wait(timeout=self.merger_idle_s):
-                    with self._merger_lock:  # no writer can wake it between look and exit
-                        if not self._merge_wanted.is_set():
-                            self._merger = None
-                            return
-                self._merge_wanted.clear()
+                woken = self._merge_wanted.wait(timeout=self.merger_idle_s)
+                with self._merger_lock:  # no writer can wake it between look and exit
+                    if self._exiting or not (woken or self._merge_wanted.is_set()):
+                        self._merger = None
+                        return
+                    self._merge_wanted.clear()
                 try:
                     self.merge_journal(only_if_full=True)
                 except Exception:
@@ -693,6 +698,18 @@ class SQLiteStore(VaultStore):
                     return
         finally:
             self.close()  # this thread's connection
+
+    def finish_merging(self) -> None:
+        """Let the merge under way finish, and stop this process's merge thread (at exit: a
+        merge cut off by the exit would be done again by the next process that fills the
+        journal, and every process meanwhile reads the unmerged rows into its index). A merge
+        wanted but not begun is left to the next process."""
+        with self._merger_lock:
+            self._exiting = True
+            self._merge_wanted.set()
+        merger = self._merger
+        if merger is not None:
+            merger.join()
 
     def merge_journal(self, *, down: bool = False, only_if_full: bool = False) -> int:
         """Merge the journal into `recent` now (and `recent` into `tokens` when it is full,
@@ -1048,6 +1065,16 @@ class SQLiteStore(VaultStore):
             "tokenize_grants": len(self.tokenize_grants()),
             "audit_records": self._read("select count(*) from audit")[0][0],
         }
+
+
+# Stores whose merge thread has run: at exit, each lets its merge under way finish.
+_merging: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_merges() -> None:
+    for store in list(_merging):
+        store.finish_merging()
 
 
 def _create_directory(path: Path) -> None:
