@@ -432,3 +432,26 @@ def test_a_process_that_exits_during_a_merge_lets_it_finish(vault_path: Path) ->
     subprocess.run([sys.executable, "-c", _EXIT_DURING_A_MERGE, str(vault_path)], check=True,
                    env=env, timeout=60)
     assert _counts(vault_path) == (0, 100, 0)
+
+
+@pytest.mark.parametrize("keep_order", [True, False])
+def test_the_one_string_lookup_agrees_with_the_row_by_row_one(
+        vault_path: Path, monkeypatch: pytest.MonkeyPatch, keep_order: bool) -> None:
+    """Tokens found by fingerprint come back as one string per chunk in the keys' order;
+    were SQLite to scan the keys in another order, the chunk is looked up row by row."""
+    from deid.stores import sqlite as sqlite_store
+
+    svc = _service(vault_path)
+    svc.tokenize("email", VALUES[:100])
+    svc.store.merge_journal(down=True)  # type: ignore[attr-defined]
+    svc.tokenize("email", VALUES[100:200])
+    svc.store.merge_journal()  # type: ignore[attr-defined]
+    store = svc.store
+    assert isinstance(store, SQLiteStore)
+    fps = store.keyring().fingerprints("email", [*VALUES[::-1], "absent@example.com"])
+    if not keep_order:
+        monkeypatch.setattr(sqlite_store, "_positions", lambda n: "another order")
+    db = store._db()
+    found = store._tokens_by_fingerprint(db, fps * 15, "email")  # 4,515 keys: three chunks
+    assert found == dict(store._probe(db, fps, ("recent", "tokens"), "fingerprint", "email"))
+    assert len(found) == 200
