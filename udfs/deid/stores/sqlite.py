@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain, compress
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +119,21 @@ class _JournalIndex:
             for domain, by_fp in self.by_fingerprint.items()}
         self.dropped = through
 
-    def add(self, rows: Iterable[tuple[int, str, bytes, str]]) -> None:
-        """Index journal rows (seq, domain, fingerprint, token), in seq order."""
-        by_token = self.by_token
-        for seq, domain, fingerprint, token in rows:
+    def add(self, rows: Sequence[tuple[int, str, bytes, str]]) -> None:
+        """Index journal rows (seq, domain, fingerprint, token), in seq order: per domain,
+        in C-level passes (a row at a time cost ~0.7 µs, on the path of every new value)."""
+        if not rows:
+            return
+        domains = {row[1] for row in rows}
+        for domain in domains:
+            mine = rows if len(domains) == 1 else [row for row in rows if row[1] == domain]
+            seqs, _domains, fingerprints, tokens = zip(*mine, strict=True)
             by_fp = self.by_fingerprint.get(domain)
             if by_fp is None:
                 by_fp = self.by_fingerprint[domain] = {}
-            by_fp[fingerprint] = token
-            by_token[token] = seq
-            self.seq = seq
+            by_fp.update(zip(fingerprints, tokens, strict=True))
+            self.by_token.update(zip(tokens, seqs, strict=True))
+        self.seq = rows[-1][0]
 
 # The journal file, attached to every connection as `j`.
 _JOURNAL_SCHEMA = """
@@ -542,8 +548,10 @@ class SQLiteStore(VaultStore):
             index = self._journal
             if index.epoch != epoch or index.seq != after:
                 return  # the next catch-up reads them
-            index.add((seq, r.domain, r.fingerprint, r.token)
-                      for seq, r in enumerate(records, start=last - len(records) + 1))
+            index.add(list(zip(range(last - len(records) + 1, last + 1),
+                               map(attrgetter("domain"), records),
+                               map(attrgetter("fingerprint"), records),
+                               map(attrgetter("token"), records), strict=True)))
 
     @staticmethod
     def _select_in(db: sqlite3.Connection, sql: str, head: tuple[Any, ...],
@@ -655,7 +663,7 @@ class SQLiteStore(VaultStore):
             proposed = [r.token for r in fresh]
             taken = set() if random_tokens else {
                 t for t, _t in self._probe(db, proposed, (*_LEVELS, "erased"), "token")}
-            taken.update(t for t in proposed if t in index.by_token)
+            taken.update(index.by_token.keys() & proposed)
             new: list[NewRecord] = []
             for r in fresh:
                 if r.token in taken or r.fingerprint in winners:
