@@ -301,3 +301,26 @@ def test_token_bodies_are_base32_and_use_every_character() -> None:
         assert len(set(tokens)) == 2000 and all(map(kind.token_pattern.fullmatch, tokens))
     body = "".join(t[:24] for t in KINDS["email"].new_tokens(2000, [""] * 2000))
     assert set(body) == set("abcdefghijklmnopqrstuvwxyz234567")
+
+
+def test_random_digits_are_uniform_even_where_a_bound_does_not_divide_2_to_the_64() -> None:
+    """Attack on the batch draw: `x % bound` over 64-bit draws favours the low values when
+    2**64 is not a multiple of the bound. With a bound of 3 * 2**62 the low third would get a
+    quarter more draws (mean 0.417 of the bound); rejection sampling keeps it at 0.5."""
+    bound = 3 << 62
+    draws = kinds._uniform_below(40_000, bound)
+    assert all(0 <= d < bound for d in draws) and len(draws) == 40_000
+    mean = sum(draws) / len(draws) / bound
+    assert abs(mean - 0.5) < 0.01, mean
+
+
+@pytest.mark.parametrize("kind", ["phone", "ssn", "card"])
+def test_short_token_formats_use_every_digit_position(kind: str) -> None:
+    tokens = kinds.KINDS[kind].new_tokens(5000, ["4111111111111111"] * 5000)
+    digits = ["".join(ch for ch in t if ch.isdigit()) for t in tokens]
+    varying = [len({d[i] for d in digits}) for i in range(len(digits[0]))]
+    # Fixed positions: the +999 prefix, the card's leading 9 and kept last four; the SSN's
+    # area starts 9 and its group's first digit is 0-4.
+    expected = {"phone": [1, 1, 1] + [10] * 12, "ssn": [1, 5, 10, 5, 10, 10, 10, 10, 10],
+                "card": [1] + [10] * 11 + [1, 1, 1, 1]}[kind]
+    assert varying == expected
