@@ -29,8 +29,10 @@ import atexit
 import contextlib
 import datetime as _dt
 import functools
+import os
 import secrets
 import sqlite3
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -720,6 +722,10 @@ class SQLiteStore(VaultStore):
     def _merge_loop(self) -> None:
         """The merge thread: merges when woken, ends after a few idle seconds (or at once when
         the process exits, after the merge under way)."""
+        if sys.platform == "linux":  # a thread's nice value is its own there
+            with contextlib.suppress(OSError):
+                # Maintenance: the cores go to the queries and the writers first.
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         try:
             while True:
                 woken = self._merge_wanted.wait(timeout=self.merger_idle_s)
