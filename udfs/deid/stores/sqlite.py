@@ -725,7 +725,9 @@ class SQLiteStore(VaultStore):
         if sys.platform == "linux":  # a thread's nice value is its own there
             with contextlib.suppress(OSError):
                 # Maintenance: the cores go to the queries and the writers first.
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+                me = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, me,
+                               min(19, os.getpriority(os.PRIO_PROCESS, me) + 10))
         try:
             while True:
                 woken = self._merge_wanted.wait(timeout=self.merger_idle_s)
