@@ -467,3 +467,17 @@ def test_the_one_string_lookup_agrees_with_the_row_by_row_one(
     found = store._tokens_by_fingerprint(db, fps * 15, "email")  # 4,515 keys: three chunks
     assert found == dict(store._probe(db, fps, ("recent", "tokens"), "fingerprint", "email"))
     assert len(found) == 200
+
+
+def test_the_journal_index_keeps_domains_apart(vault_path: Path) -> None:
+    """One value in two domains is two records: another process's index, caught up on both
+    at once, gives each domain its own token."""
+    writer = _service(vault_path)
+    plain = writer.tokenize("email", ["same@example.com"])[0]
+    other = writer.tokenize("email:crm", ["same@example.com"])[0]
+    assert plain != other
+    reader = _service(vault_path)  # indexes both rows in one catch-up
+    assert reader.tokenize("email", ["same@example.com"]) == [plain]
+    assert reader.tokenize("email:crm", ["same@example.com"]) == [other]
+    index = reader.store._journal  # type: ignore[attr-defined]
+    assert set(index.by_fingerprint) == {"email", "crm"} and len(index.by_token) == 2
