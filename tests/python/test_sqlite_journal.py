@@ -481,3 +481,16 @@ def test_the_journal_index_keeps_domains_apart(vault_path: Path) -> None:
     assert reader.tokenize("email:crm", ["same@example.com"]) == [other]
     index = reader.store._journal  # type: ignore[attr-defined]
     assert set(index.by_fingerprint) == {"email", "crm"} and len(index.by_token) == 2
+
+
+def test_a_merge_leaves_the_vault_files_log_empty(vault_path: Path) -> None:
+    """A merge writes a level's worth of pages to the vault file's log; left there, every
+    later commit to the vault file (each detokenize audit record) tries to checkpoint it
+    again. The merge empties it."""
+    svc = _service(vault_path)
+    svc.tokenize("email", VALUES)
+    wal = vault_path.with_name(vault_path.name + "-wal")
+    svc.store.grant("p", "test")  # a commit to the vault file: its log is not empty
+    assert wal.stat().st_size > 0
+    svc.store.merge_journal()  # type: ignore[attr-defined]
+    assert wal.stat().st_size == 0

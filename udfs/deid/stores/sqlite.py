@@ -792,6 +792,20 @@ class SQLiteStore(VaultStore):
             finally:
                 db.execute(f"pragma main.cache_size=-{self._cache_kib}")
         self._drop_merged()
+        # The merge left ~100 MB in the vault file's log. Its commit's automatic checkpoint
+        # stops at the first reader's snapshot, and every later commit to the vault file (a
+        # detokenize audit record) tried again: 0.7 ms more per commit, measured. Empty the
+        # log here, off the writers' threads, once readers have moved on. The checkpoint
+        # holds the vault file's writers while it waits: a second at most (a reader that
+        # stays longer leaves it to the next merge).
+        db = self._db()
+        try:
+            db.execute("pragma busy_timeout = 1000")
+            db.execute("pragma main.wal_checkpoint(truncate)")
+        except sqlite3.Error:
+            pass
+        finally:
+            db.execute(f"pragma busy_timeout = {int(self._timeout * 1000)}")
         return int(moved)
 
     def _drop_merged(self) -> None:
