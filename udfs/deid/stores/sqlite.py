@@ -802,6 +802,9 @@ class SQLiteStore(VaultStore):
         try:
             db.execute("pragma busy_timeout = 1000")
             db.execute("pragma main.wal_checkpoint(truncate)")
+            # The journal's delete logged its pages too: copy what readers allow, without
+            # holding up the writers appending meanwhile.
+            db.execute("pragma j.wal_checkpoint(passive)")
         except sqlite3.Error:
             pass
         finally:
