@@ -22,6 +22,8 @@ import pytest
 
 from conftest import open_service_at
 from deid.errors import VaultKeyError
+from deid.service import VaultTokenService
+from deid.stores.sqlite import SQLiteStore
 
 _MINTER = textwrap.dedent("""
     import json, sys, os, secrets
@@ -118,6 +120,43 @@ def test_a_writer_with_old_keys_is_refused_and_reloads(vault_path: Path) -> None
     early.tokenize("email", ["b@example.com"])
     assert early.keyring.current == 2
     assert early.store.key_version_counts() == {1: 1, 2: 1}
+
+
+def test_a_writer_keeps_up_with_rotations_that_follow_each_other(vault_path: Path) -> None:
+    """Attack on the retry: two rotations a few milliseconds apart. The writer's insert is
+    refused under version 1, it reloads version 2, and version 3 is recorded before its
+    retry: one retry was not enough (seen in the concurrent test above, about one run in
+    two). It reloads as long as a reload brings a newer version."""
+    early = open_service_at(vault_path)
+    early.tokenize("email", ["a@example.com"])
+    rotator = open_service_at(vault_path)
+    rotator.store.rotate_keyring(seen_current=1)
+    real = early.store.reload_keyring
+
+    def reload_then_another_rotation():  # type: ignore[no-untyped-def]
+        ring = real()
+        if ring.current == 2:
+            rotator.store.rotate_keyring(seen_current=2)
+        return ring
+
+    early.store.reload_keyring = reload_then_another_rotation  # type: ignore[method-assign]
+    early.tokenize("email", ["b@example.com"])
+    assert early.keyring.current == 3
+    assert early.store.key_version_counts() == {1: 1, 3: 1}
+
+
+def test_a_writer_that_cannot_load_the_current_key_is_told_so(vault_path: Path) -> None:
+    """A host whose DEID_KEYS still holds the old key set: reloading brings nothing newer, so
+    it stops with the fix instead of retrying."""
+    from deid.keys import key_file_for
+
+    svc = open_service_at(vault_path)
+    svc.tokenize("email", ["a@example.com"])
+    old_keys = key_file_for(vault_path).read_text()
+    svc.store.rotate_keyring(seen_current=1)
+    pinned = VaultTokenService(SQLiteStore(vault_path, keys=old_keys))
+    with pytest.raises(VaultKeyError, match="newer than any key this host can load"):
+        pinned.tokenize("email", ["b@example.com"])
 
 
 def test_retire_is_refused_while_records_use_the_version(vault_path: Path) -> None:

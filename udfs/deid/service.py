@@ -288,8 +288,10 @@ class VaultTokenService:
     def _insert(self, spec: _kinds.KindSpec, fingerprints: list[bytes], canonicals: list[str],
                 tokens: list[str]) -> dict[bytes, str]:
         """Encrypt and insert new records; if the vault refuses the key version (rotated by
-        another process since this one loaded its keys), reload the keys and encrypt again."""
-        for reloaded in (False, True):
+        another process since this one loaded its keys), reload the keys and encrypt again,
+        for as long as each reload brings a newer version (rotations may follow each other
+        faster than one retry: two of them a few milliseconds apart refused the retry too)."""
+        while True:
             versions, blobs = _keys.encrypt_many(self.keyring, tokens, canonicals)
             records = list(map(NewRecord, repeat(spec.domain), fingerprints, tokens,
                                repeat(spec.name), versions, blobs))
@@ -297,13 +299,13 @@ class VaultTokenService:
                 return self.store.insert_tokens(
                     records, random_tokens=spec.kind.random_bits >= _kinds.RANDOM_TOKEN_BITS)
             except StaleKeyVersionError:
-                if reloaded:
+                had = self.keyring.current
+                self.keyring = self.store.reload_keyring()
+                if self.keyring.current <= had:
                     raise VaultKeyError(
                         f"deid.tokenize: kind {spec.name!r}: the vault's current key version "
                         "is newer than any key this host can load; give it the vault's current "
                         "key file (or DEID_KEYS)") from None
-                self.keyring = self.store.reload_keyring()
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _tokens_for(self, batch: TokenizeBatch, by_match: Groups
                     ) -> tuple[dict[str, str], list[str]]:

@@ -70,9 +70,9 @@ from .base import (
 _SCHEMA_VERSION = 3
 # Keep well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32).
 _CHUNK = 2000
-# Journal records before a writer merges them into `recent`: each process's index of the
-# journal holds up to this many entries (~300 bytes each), and a merge moves them in token
-# order in one transaction (~1 s at this size into an empty level).
+# Journal records before a process's merge thread moves them into `recent`: each process's
+# index of the journal holds about this many entries (~300 bytes each), and a merge copies
+# them in token order in one transaction (~1 s at this size into an empty level).
 DEFAULT_JOURNAL_ROWS = 262_144
 # The last journal row a merge has copied into the levels. The copy and the journal's
 # delete are two files' transactions: rows up to the mark may still sit in the journal (same
@@ -141,6 +141,7 @@ class _JournalIndex:
             by_fp.update(zip(fps, toks, strict=True))
             self.by_token.update(zip(toks, sqs, strict=True))
         self.seq = seqs[-1]
+
 
 # The journal file, attached to every connection as `j`.
 _JOURNAL_SCHEMA = """
@@ -365,7 +366,7 @@ class SQLiteStore(VaultStore):
             raise VaultUnavailableError(
                 f"deid vault: the journal file {self.journal_path} {what}; it holds the "
                 f"vault's newest tokens and values: restore it together with {self.path} "
-                "(copy the vault's files together, their -wal files too, or neither)")
+                "(copy the vault's files together, with their -wal files)")
 
     # -- connections ------------------------------------------------------------------
 
