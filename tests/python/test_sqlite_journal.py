@@ -494,3 +494,22 @@ def test_a_merge_leaves_the_vault_files_log_empty(vault_path: Path) -> None:
     assert wal.stat().st_size > 0
     svc.store.merge_journal()  # type: ignore[attr-defined]
     assert wal.stat().st_size == 0
+
+
+def test_a_merge_of_an_empty_journal_keeps_the_mark(vault_path: Path) -> None:
+    """The mark only moves forward: an empty journal's highest row is 0, and a mark moved
+    back to it would call rows deleted long ago unmerged."""
+    svc = _service(vault_path)
+    svc.tokenize("email", VALUES[:10])
+    store = svc.store
+    assert isinstance(store, SQLiteStore)
+
+    def mark() -> int:
+        return int(store._read("select value from meta where key = 'merged_through'")[0][0])
+
+    store.merge_journal()
+    assert mark() == 10
+    store.merge_journal(down=True)  # nothing new in the journal; recent moves down
+    assert mark() == 10 and _counts(vault_path) == (10, 0, 0)
+    svc.tokenize("email", VALUES[10:15])
+    assert _counts(vault_path) == (10, 0, 5)

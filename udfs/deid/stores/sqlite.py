@@ -702,7 +702,7 @@ class SQLiteStore(VaultStore):
     # -- merges -----------------------------------------------------------------------------
     #
     # A merge copies journal rows into `recent` in one transaction on the vault file, with the
-    # mark `merged_through`, then deletes them from the journal and bumps the journal's epoch
+    # mark `merged_through`, then deletes them from the journal and records `dropped_through`
     # in one transaction on the journal file. Neither waits for the other file's lock, so
     # writers keep appending while a merge writes the vault file (on its own thread, and
     # SQLite runs without the interpreter lock: on another core). Readers and writers read
@@ -773,8 +773,10 @@ class SQLiteStore(VaultStore):
         self._drop_merged()
         with self._tx() as db:  # the vault file
             mark = db.execute(f"select {_MERGED_THROUGH}").fetchone()[0]
-            # The journal's snapshot is taken here, after the vault file's lock.
-            last = db.execute("select coalesce(max(seq), 0) from j.journal").fetchone()[0]
+            # The journal's snapshot is taken here, after the vault file's lock. An empty
+            # journal leaves the mark where it is (sequence numbers are never reused).
+            last = max(mark, db.execute("select coalesce(max(seq), 0) from j.journal"
+                                        ).fetchone()[0])
             if only_if_full and last - mark < self._journal_rows:
                 return 0
             db.execute(f"pragma main.cache_size=-{max(self._cache_kib, _MERGE_CACHE_KIB)}")
