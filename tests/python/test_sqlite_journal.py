@@ -513,3 +513,19 @@ def test_a_merge_of_an_empty_journal_keeps_the_mark(vault_path: Path) -> None:
     assert mark() == 10 and _counts(vault_path) == (10, 0, 0)
     svc.tokenize("email", VALUES[10:15])
     assert _counts(vault_path) == (10, 0, 5)
+
+
+def test_a_process_starts_and_looks_up_while_a_merge_holds_both_files(vault_path: Path) -> None:
+    """Opening a vault that needs nothing written (schema, journal pairing, audit log, keys
+    all in place) takes no write lock: a dbt run that starts during another process's merge
+    (or a key rotation's record) looks tokens up at once instead of waiting."""
+    token = _service(vault_path).tokenize("email", ["known@example.com"])[0]
+    merge = sqlite3.connect(vault_path, isolation_level=None)
+    merge.execute("attach database ? as j", (str(journal_file_for(vault_path)),))
+    merge.execute("begin immediate")  # both files' write locks
+    try:
+        late = VaultTokenService(SQLiteStore(vault_path, busy_timeout_s=0.2), cache_size=0)
+        assert late.tokenize("email", ["known@example.com"]) == [token]
+    finally:
+        merge.execute("rollback")
+        merge.close()

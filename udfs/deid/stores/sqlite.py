@@ -315,7 +315,38 @@ class SQLiteStore(VaultStore):
                 "project), or point DEID_VAULT / the plugin's `vault` at the existing vault. "
                 "deid never creates a vault while building or querying")
         journal_existed = self.journal_path.is_file()
-        db = self._db()
+        with self._tx(write=False) as db:
+            ready = self._ready(db, forward_audit)
+        if not ready:
+            self._prepare(db, journal_existed, forward_audit)
+        for made in (self.path, self.journal_path):
+            with contextlib.suppress(OSError):  # e.g. a mount owned by someone else
+                made.chmod(0o600)
+
+    def _ready(self, db: sqlite3.Connection, forward_audit: bool) -> bool:
+        """Whether the vault needs no write to be opened: this schema, its own journal file,
+        its audit log started. Opening then takes no lock, so a process starting while a
+        merge writes the vault file does not wait for it."""
+        if not db.execute("select 1 from main.sqlite_master where name = 'meta'").fetchone():
+            return False
+        row = db.execute("select value from main.meta where key = 'schema_version'").fetchone()
+        if row is not None and int(row[0]) > _SCHEMA_VERSION:
+            raise ConfigError(
+                f"deid vault: {self.path} has schema version {row[0]}, newer than this "
+                f"deid understands ({_SCHEMA_VERSION}); upgrade deid on this host")
+        if row is None or int(row[0]) != _SCHEMA_VERSION or not db.execute(
+                "select 1 from j.sqlite_master where name = 'journal_meta'").fetchone():
+            return False
+        ours = db.execute("select value from main.meta where key = 'journal_id'").fetchone()
+        theirs = db.execute("select value from j.journal_meta where key = 'journal_id'"
+                            ).fetchone()
+        started = db.execute("select 1 from main.meta where key = 'audit_state'").fetchone() \
+            or db.execute("select 1 from main.audit limit 1").fetchone()
+        return ours is not None and ours == theirs and bool(started or not forward_audit)
+
+    def _prepare(self, db: sqlite3.Connection, journal_existed: bool,
+                 forward_audit: bool) -> None:
+        """Create what the vault lacks, pair its journal file, start its audit log."""
         # Tables first, one autocommit statement each (the trigger's body holds a ';' of its
         # own): a transaction below takes each file's lock through its meta table.
         schema = (_JOURNAL_SCHEMA + _SCHEMA
@@ -327,11 +358,6 @@ class SQLiteStore(VaultStore):
         except sqlite3.Error as exc:
             raise _store_error(self.path, "creating the tables of", exc) from None
         with self._tx(journal=True) as db:
-            row = db.execute("select value from meta where key = 'schema_version'").fetchone()
-            if row is not None and int(row[0]) > _SCHEMA_VERSION:
-                raise ConfigError(
-                    f"deid vault: {self.path} has schema version {row[0]}, newer than this "
-                    f"deid understands ({_SCHEMA_VERSION}); upgrade deid on this host")
             self._pair_journal(db, journal_existed)
             db.execute("insert or replace into meta values ('schema_version', ?)",
                        (str(_SCHEMA_VERSION),))
@@ -340,9 +366,6 @@ class SQLiteStore(VaultStore):
             if forward_audit and not started:
                 first = _audit.create_audit_key_file(audit_key_file_for(self.path))
                 self._put_state(db, 1, first)
-        for made in (self.path, self.journal_path):
-            with contextlib.suppress(OSError):  # e.g. a mount owned by someone else
-                made.chmod(0o600)
 
     def _pair_journal(self, db: sqlite3.Connection, journal_existed: bool) -> None:
         """Check that the journal file is this vault's (a random id in both files), or make
@@ -508,10 +531,12 @@ class SQLiteStore(VaultStore):
         ring = _keys.load_or_create(_keys.key_file_for(self.path), create=empty,
                                     keys=self._keys_json)
         check = ring.check_value()
-        with self._tx() as db:
-            db.execute("insert or ignore into meta values ('key_check', ?)", (check,))
-            stored = db.execute("select value from meta where key = 'key_check'").fetchone()[0]
-        if stored != check:
+        stored = self._read("select value from meta where key = 'key_check'")
+        if not stored:  # the first keys of this vault: recorded once, by whoever is first
+            with self._tx() as db:
+                db.execute("insert or ignore into meta values ('key_check', ?)", (check,))
+                stored = db.execute("select value from meta where key = 'key_check'").fetchall()
+        if stored[0][0] != check:
             raise VaultKeyError(
                 f"deid keys: {ring.source} does not belong to the vault {self.path} "
                 "(its fingerprint key differs); use the vault's own key file")
