@@ -113,11 +113,6 @@ def _random_digits(n: int, width: int) -> list[str]:
     return list(map(fmt.format, _uniform_below(n, 10**width)))
 
 
-def _prefixed(prefix: str) -> Callable[[int, list[str]], list[str]]:
-    def make(n: int, _canonicals: list[str]) -> list[str]:
-        return [prefix + body for body in _base32_bodies(n)]
-
-    return make
 
 
 def _email_tokens(n: int, _canonicals: list[str]) -> list[str]:
@@ -343,6 +338,17 @@ def _norm_timestamp(value: str) -> tuple[str, str]:
 
 _B32 = "[a-z2-7]{24}"
 
+
+def _prefixed(name: str, max_length: int, normalize: Callable[[str], tuple[str, str]],
+              prefix: str) -> Kind:
+    """A kind whose tokens are `prefix` and 24 random base32 characters: its generator, its
+    pattern and its claim of RANDOM_TOKEN_BITS come from the one prefix."""
+    def make(n: int, _canonicals: list[str]) -> list[str]:
+        return [prefix + body for body in _base32_bodies(n)]
+
+    return Kind(name, max_length, normalize, make, re.compile(prefix + _B32), RANDOM_TOKEN_BITS)
+
+
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
@@ -351,18 +357,12 @@ KINDS: dict[str, Kind] = {
         Kind("phone", 32, _norm_phone, _phone_tokens, re.compile(r"\+999[0-9]{12}")),
         Kind("ssn", 16, _norm_ssn, _ssn_tokens, re.compile(r"9[5-9][0-9]-[0-4][0-9]-[0-9]{4}")),
         Kind("card", 32, _norm_card, _card_tokens, re.compile(r"9[0-9]{15}")),
-        Kind("name", 256, _norm_words, _prefixed("name_"), re.compile("name_" + _B32),
-             RANDOM_TOKEN_BITS),
-        Kind("address", 512, _norm_words, _prefixed("addr_"), re.compile("addr_" + _B32),
-             RANDOM_TOKEN_BITS),
-        Kind("date", 32, _norm_date, _prefixed("date_"), re.compile("date_" + _B32),
-             RANDOM_TOKEN_BITS),
-        Kind("number", 128, _norm_number, _prefixed("num_"), re.compile("num_" + _B32),
-             RANDOM_TOKEN_BITS),
-        Kind("timestamp", 64, _norm_timestamp, _prefixed("ts_"), re.compile("ts_" + _B32),
-             RANDOM_TOKEN_BITS),
-        Kind("string", 4096, _norm_string, _prefixed("str_"), re.compile("str_" + _B32),
-             RANDOM_TOKEN_BITS),
+        _prefixed("name", 256, _norm_words, "name_"),
+        _prefixed("address", 512, _norm_words, "addr_"),
+        _prefixed("date", 32, _norm_date, "date_"),
+        _prefixed("number", 128, _norm_number, "num_"),
+        _prefixed("timestamp", 64, _norm_timestamp, "ts_"),
+        _prefixed("string", 4096, _norm_string, "str_"),
     )
 }
 

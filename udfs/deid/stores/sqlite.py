@@ -340,9 +340,13 @@ class SQLiteStore(VaultStore):
         ours = db.execute("select value from main.meta where key = 'journal_id'").fetchone()
         theirs = db.execute("select value from j.journal_meta where key = 'journal_id'"
                             ).fetchone()
-        started = db.execute("select 1 from main.meta where key = 'audit_state'").fetchone() \
-            or db.execute("select 1 from main.audit limit 1").fetchone()
-        return ours is not None and ours == theirs and bool(started or not forward_audit)
+        return ours is not None and ours == theirs and (self._audit_started(db)
+                                                         or not forward_audit)
+
+    @staticmethod
+    def _audit_started(db: sqlite3.Connection) -> bool:
+        return bool(db.execute("select 1 from main.meta where key = 'audit_state'").fetchone()
+                    or db.execute("select 1 from main.audit limit 1").fetchone())
 
     def _prepare(self, db: sqlite3.Connection, journal_existed: bool,
                  forward_audit: bool) -> None:
@@ -361,9 +365,7 @@ class SQLiteStore(VaultStore):
             self._pair_journal(db, journal_existed)
             db.execute("insert or replace into meta values ('schema_version', ?)",
                        (str(_SCHEMA_VERSION),))
-            started = db.execute("select 1 from meta where key = 'audit_state'").fetchone() \
-                or db.execute("select 1 from audit limit 1").fetchone()
-            if forward_audit and not started:
+            if forward_audit and not self._audit_started(db):
                 first = _audit.create_audit_key_file(audit_key_file_for(self.path))
                 self._put_state(db, 1, first)
 
@@ -636,8 +638,8 @@ class SQLiteStore(VaultStore):
             if order != _positions(len(chunk)):
                 out.update(SQLiteStore._probe(db, chunk, _LEVELS, "fingerprint", domain))
                 continue
-            out.update(compress(zip(chunk, tokens.split("\n"), strict=True),
-                                map(bool, tokens.split("\n"))))
+            found = tokens.split("\n")
+            out.update(compress(zip(chunk, found, strict=True), found))
         return out
 
     # -- tokens -----------------------------------------------------------------------------
