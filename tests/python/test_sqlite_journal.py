@@ -529,3 +529,36 @@ def test_a_process_starts_and_looks_up_while_a_merge_holds_both_files(vault_path
     finally:
         merge.execute("rollback")
         merge.close()
+
+
+@pytest.mark.parametrize("tokens", ["one width", "several widths"])
+def test_a_vector_is_appended_whole_and_in_order(vault_path: Path, tokens: str) -> None:
+    """A vector's records go into the journal in one statement that cuts them out of bound
+    blobs (row by row when its tokens differ in width): each row must hold its own record,
+    typed as a row-by-row insert types it, in the vector's order (the in-memory index maps
+    each token to its row by that order)."""
+    from deid.stores.base import NewRecord
+
+    store = SQLiteStore(vault_path, create=True, background_merge=False)
+    version = store.keyring().current
+    records = [NewRecord("email", os.urandom(32),
+                         f"tok{i:05d}" if tokens == "one width" else f"tok{i}", "email",
+                         version, os.urandom(28 + i % 300))
+               for i in range(3000)]
+    winners = store.insert_tokens(records, random_tokens=True)
+    assert winners == {r.fingerprint: r.token for r in records}
+    db = sqlite3.connect(journal_file_for(vault_path))
+    rows = db.execute("select token, domain, fingerprint, kind, key_version, ciphertext, "
+                      "typeof(token) || typeof(fingerprint) || typeof(ciphertext) "
+                      "from journal order by seq").fetchall()
+    db.close()
+    assert [r[:6] for r in rows] == [(r.token, r.domain, r.fingerprint, r.kind, r.key_version,
+                                      r.ciphertext) for r in records]
+    assert {r[6] for r in rows} == {"textblobblob"}
+    # The index agrees: another store finds each record by its token's row.
+    other = SQLiteStore(vault_path)
+    assert other.find_tokens("email", [r.fingerprint for r in records[::500]]) == {
+        r.fingerprint: r.token for r in records[::500]}
+    found = other.fetch_values([r.token for r in records[::500]])
+    assert {t: v.ciphertext for t, v in found.items()} == {
+        r.token: r.ciphertext for r in records[::500]}

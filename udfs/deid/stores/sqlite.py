@@ -37,7 +37,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from itertools import chain, compress
+from itertools import accumulate, chain, compress
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,49 @@ create trigger if not exists {level}_never_reissue_erased before insert on {leve
 """
 # A record's columns, in every level's order (the journal adds its seq in front).
 _COLUMNS = "token, domain, fingerprint, kind, key_version, ciphertext"
+
+
+# Appending a vector's records in one statement: SQLite cuts them out of four bound blobs
+# (tokens of one width, 32-byte fingerprints, ciphertexts, and where each ciphertext ends as
+# 8-digit numbers), in order. `executemany` binds six values and runs the statement once per
+# row, and with `autoincrement` updates the sequence table once per row: 1.9 µs a record
+# against 0.75 µs here (bench/bench.py measures the whole path). Records that do not fit
+# (tokens of several widths, one call over several domains, kinds or key versions: rare) go
+# row by row.
+_APPEND_PACKED = f"""
+with recursive r(i, s, e) as (
+    select 0, 1, cast(substr(?5, 1, 8) as integer)
+    union all
+    select i + 1, e, cast(substr(?5, 8 * i + 9, 8) as integer) from r where i < ?1 - 1
+)
+insert into j.journal ({_COLUMNS})
+select cast(substr(?2, ?6 * i + 1, ?6) as text), ?7, substr(?3, 32 * i + 1, 32), ?8, ?9,
+       substr(?4, s, e - s)
+from r order by i
+"""
+_OFFSET_LIMIT = 10**8  # 8 digits
+
+
+def _append(db: sqlite3.Connection, records: Sequence[NewRecord]) -> int:
+    """Append `records` to the journal in their order (seqs up to the one returned)."""
+    first = records[0]
+    tokens = [r.token.encode() for r in records]
+    fingerprints = list(map(attrgetter("fingerprint"), records))
+    ciphertexts = list(map(attrgetter("ciphertext"), records))
+    width = len(tokens[0])
+    ends = tuple(accumulate(map(len, ciphertexts), initial=1))[1:]
+    if (all(len(t) == width for t in tokens) and ends[-1] < _OFFSET_LIMIT
+            and all(len(f) == 32 for f in fingerprints)
+            and all(r.domain == first.domain and r.kind == first.kind
+                    and r.key_version == first.key_version for r in records)):
+        db.execute(_APPEND_PACKED, (len(records), b"".join(tokens), b"".join(fingerprints),
+                                    b"".join(ciphertexts), (b"%08d" * len(ends)) % ends,
+                                    width, first.domain, first.kind, first.key_version))
+    else:
+        db.executemany(f"insert into j.journal ({_COLUMNS}) values (?, ?, ?, ?, ?, ?)",
+                       [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
+                        for r in records])
+    return int(db.execute("select last_insert_rowid()").fetchone()[0])
 
 
 @functools.lru_cache(maxsize=8)
@@ -707,13 +750,7 @@ class SQLiteStore(VaultStore):
                 taken.add(r.token)
                 winners[r.fingerprint] = r.token
                 new.append(r)
-            last = after
-            if new:
-                db.executemany(
-                    f"insert into j.journal ({_COLUMNS}) values (?, ?, ?, ?, ?, ?)",
-                    [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
-                     for r in new])
-                last = db.execute("select last_insert_rowid()").fetchone()[0]
+            last = _append(db, new) if new else after
             pending = len(index.by_token) + len(new)
         if newer is not None:
             # Records under a key version the vault has not recorded as current (a rotation
