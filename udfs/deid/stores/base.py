@@ -14,16 +14,19 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._audit import GENESIS
 from ..errors import ConfigError, StaleKeyVersionError
 from ..keys import Keyring
 
 
-@dataclass(frozen=True, slots=True)
-class NewRecord:
+class NewRecord(NamedTuple):
+    """A record to insert (a tuple: a vector's thousands are built at a third of the cost
+    of a frozen dataclass's)."""
+
     domain: str
     fingerprint: bytes
     token: str
@@ -45,7 +48,7 @@ def check_key_versions(current: int | None, records: Sequence[NewRecord]) -> int
     once a rotation is recorded no new record lands under an old version and a rewrap that
     starts afterwards can finish. Returns the newer version to record when the records carry
     one (keys from DEID_KEYS are rotated where that secret lives), else None."""
-    versions = {r.key_version for r in records}
+    versions = set(map(attrgetter("key_version"), records))
     if current is not None and min(versions) < current:
         raise StaleKeyVersionError(
             f"deid keys: values were encrypted under key version {min(versions)} but the "

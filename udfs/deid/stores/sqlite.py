@@ -223,23 +223,24 @@ select cast(substr(?2, ?6 * i + 1, ?6) as text), ?7, substr(?3, 32 * i + 1, 32),
 from r order by i
 """
 _OFFSET_LIMIT = 10**8  # 8 digits
+_TOKEN, _FINGERPRINT, _CIPHERTEXT = (attrgetter(name)
+                                     for name in ("token", "fingerprint", "ciphertext"))
+_SHARED = attrgetter("domain", "kind", "key_version")
 
 
 def _append(db: sqlite3.Connection, records: Sequence[NewRecord]) -> int:
     """Append `records` to the journal in their order (seqs up to the one returned)."""
     first = records[0]
-    tokens = [r.token.encode() for r in records]
-    fingerprints = list(map(attrgetter("fingerprint"), records))
-    ciphertexts = list(map(attrgetter("ciphertext"), records))
-    width = len(tokens[0])
+    tokens = list(map(str.encode, map(_TOKEN, records)))
+    fingerprints = list(map(_FINGERPRINT, records))
+    ciphertexts = list(map(_CIPHERTEXT, records))
     ends = tuple(accumulate(map(len, ciphertexts), initial=1))[1:]
-    if (all(len(t) == width for t in tokens) and ends[-1] < _OFFSET_LIMIT
-            and all(len(f) == 32 for f in fingerprints)
-            and all(r.domain == first.domain and r.kind == first.kind
-                    and r.key_version == first.key_version for r in records)):
+    widths = set(map(len, tokens))
+    if (len(widths) == 1 and ends[-1] < _OFFSET_LIMIT and set(map(len, fingerprints)) == {32}
+            and len(set(map(_SHARED, records))) == 1):
         db.execute(_APPEND_PACKED, (len(records), b"".join(tokens), b"".join(fingerprints),
                                     b"".join(ciphertexts), (b"%08d" * len(ends)) % ends,
-                                    width, first.domain, first.kind, first.key_version))
+                                    widths.pop(), first.domain, first.kind, first.key_version))
     else:
         db.executemany(f"insert into j.journal ({_COLUMNS}) values (?, ?, ?, ?, ?, ?)",
                        [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
@@ -629,8 +630,7 @@ class SQLiteStore(VaultStore):
                 return  # the next catch-up reads them
             index.add(range(last - len(records) + 1, last + 1),
                       list(map(attrgetter("domain"), records)),
-                      list(map(attrgetter("fingerprint"), records)),
-                      list(map(attrgetter("token"), records)))
+                      list(map(_FINGERPRINT, records)), list(map(_TOKEN, records)))
 
     @staticmethod
     def _select_in(db: sqlite3.Connection, sql: str, head: tuple[Any, ...],
@@ -692,7 +692,7 @@ class SQLiteStore(VaultStore):
             index = self._catch_up(db)
             if index is not None:
                 journaled = index.by_fingerprint.get(domain, {})
-                found = {fp: journaled[fp] for fp in fingerprints if fp in journaled}
+                found = {fp: journaled[fp] for fp in journaled.keys() & fingerprints}
             else:
                 found = dict(self._select_in(
                     db, "select fingerprint, token from j.journal where domain = ? and "
@@ -703,7 +703,7 @@ class SQLiteStore(VaultStore):
             # For this thread's next insert: the fingerprints the levels lacked in this
             # snapshot, and its epoch (see insert_tokens).
             self._local.absent = (self._journal_marks(db), domain,
-                                  {fp for fp in rest if fp not in found})
+                                  set(rest).difference(found))
             return found
 
     def insert_tokens(self, records: Sequence[NewRecord], *,
@@ -730,26 +730,34 @@ class SQLiteStore(VaultStore):
             epoch, after = index.epoch, index.seq
             marks = (index.epoch, index.dropped)
             winners: dict[bytes, str] = {}
-            for domain in {r.domain for r in records}:
+            domains = set(map(attrgetter("domain"), records))
+            for domain in domains:
                 journaled = index.by_fingerprint.get(domain, {})
-                fps = [r.fingerprint for r in records if r.domain == domain]
-                winners.update((fp, journaled[fp]) for fp in fps if fp in journaled)
-                unseen = [fp for fp in fps if fp not in winners]
+                fps = (list(map(_FINGERPRINT, records)) if len(domains) == 1 else
+                       [r.fingerprint for r in records if r.domain == domain])
+                winners.update((fp, journaled[fp]) for fp in journaled.keys() & fps)
+                unseen = [fp for fp in fps if fp not in winners] if winners else fps
                 if (absent_marks != marks or absent_domain != domain
                         or not absent.issuperset(unseen)):
                     winners.update(self._tokens_by_fingerprint(db, unseen, domain))
-            fresh = [r for r in records if r.fingerprint not in winners]
-            proposed = [r.token for r in fresh]
+            fresh = [r for r in records if r.fingerprint not in winners] if winners else records
+            proposed = list(map(_TOKEN, fresh))
             taken = set() if random_tokens else {
                 t for t, _t in self._probe(db, proposed, (*_LEVELS, "erased"), "token")}
             taken.update(index.by_token.keys() & proposed)
-            new: list[NewRecord] = []
-            for r in fresh:
-                if r.token in taken or r.fingerprint in winners:
-                    continue  # a collision (retried by the caller), or a repeated value
-                taken.add(r.token)
-                winners[r.fingerprint] = r.token
-                new.append(r)
+            fresh_fps = list(map(_FINGERPRINT, fresh))
+            if (not taken and len(set(proposed)) == len(proposed)
+                    and len(set(fresh_fps)) == len(fresh_fps)):
+                new = list(fresh)  # no collision, no repeated value: the common case
+                winners.update(zip(fresh_fps, proposed, strict=True))
+            else:
+                new = []
+                for r in fresh:
+                    if r.token in taken or r.fingerprint in winners:
+                        continue  # a collision (retried by the caller), or a repeated value
+                    taken.add(r.token)
+                    winners[r.fingerprint] = r.token
+                    new.append(r)
             last = _append(db, new) if new else after
             pending = len(index.by_token) + len(new)
         if newer is not None:
