@@ -562,3 +562,19 @@ def test_a_vector_is_appended_whole_and_in_order(vault_path: Path, tokens: str) 
     found = other.fetch_values([r.token for r in records[::500]])
     assert {t: v.ciphertext for t, v in found.items()} == {
         r.token: r.ciphertext for r in records[::500]}
+
+
+def test_a_batch_of_new_records_is_the_same_as_column_or_as_rows() -> None:
+    """Stores read a batch column by column or record by record: both read the same."""
+    from deid.stores.base import NewRecord, NewRecords
+
+    rows = [NewRecord("email", bytes([i]) * 32, f"tok{i}", "email", 1 + i % 2, bytes([i]))
+            for i in range(5)]
+    batch = NewRecords.of(rows)
+    assert NewRecords.of(batch) is batch
+    assert list(batch) == rows and batch[3] == rows[3] and len(batch) == 5
+    assert list(batch[1:4]) == rows[1:4]
+    assert list(batch.where([True, False, True, False, False])) == [rows[0], rows[2]]
+    assert batch.key_versions == [1, 2, 1, 2, 1] and len(NewRecords.of([])) == 0
+    with pytest.raises(ValueError, match="differ in length"):
+        NewRecords(["email"], [], ["tok"], ["email"], [1], [b""])

@@ -35,7 +35,7 @@ from .errors import (
     VaultKeyError,
     VaultUnavailableError,
 )
-from .stores import Erasure, NewRecord, StoredValue, VaultStore
+from .stores import Erasure, NewRecords, StoredValue, VaultStore
 
 DEFAULT_CACHE_SIZE = 1_000_000
 # How stale a long-lived process's tokenize cache may be after an erasure elsewhere (s).
@@ -293,8 +293,8 @@ class VaultTokenService:
         faster than one retry: two of them a few milliseconds apart refused the retry too)."""
         while True:
             versions, blobs = _keys.encrypt_many(self.keyring, tokens, canonicals)
-            records = list(map(NewRecord, repeat(spec.domain), fingerprints, tokens,
-                               repeat(spec.name), versions, blobs))
+            records = NewRecords([spec.domain] * len(tokens), fingerprints, tokens,
+                                 [spec.name] * len(tokens), versions, blobs)
             try:
                 return self.store.insert_tokens(
                     records, random_tokens=spec.kind.random_bits >= _kinds.RANDOM_TOKEN_BITS)

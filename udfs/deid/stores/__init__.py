@@ -2,6 +2,6 @@
 (``sqlite``, ``postgres``, ``dynamodb``), imported only when a vault URL names it, so the
 embedded default needs none of the others' dependencies."""
 
-from .base import GENESIS, Erasure, NewRecord, Sealer, StoredValue, VaultStore
+from .base import GENESIS, Erasure, NewRecord, NewRecords, Sealer, StoredValue, VaultStore
 
-__all__ = ["GENESIS", "Erasure", "NewRecord", "Sealer", "StoredValue", "VaultStore"]
+__all__ = ["GENESIS", "Erasure", "NewRecord", "NewRecords", "Sealer", "StoredValue", "VaultStore"]

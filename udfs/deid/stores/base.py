@@ -14,9 +14,9 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
+from itertools import compress
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 from .._audit import GENESIS
 from ..errors import ConfigError, StaleKeyVersionError
@@ -24,8 +24,8 @@ from ..keys import Keyring
 
 
 class NewRecord(NamedTuple):
-    """A record to insert (a tuple: a vector's thousands are built at a third of the cost
-    of a frozen dataclass's)."""
+    """One record to insert (a tuple: `NewRecords.of` turns a list of them into columns in
+    C-level passes)."""
 
     domain: str
     fingerprint: bytes
@@ -41,6 +41,57 @@ class StoredValue:
     ciphertext: bytes
 
 
+class NewRecords(Sequence[NewRecord]):
+    """New records column by column: a token service's vector of thousands is six lists,
+    not a tuple per record that the allocator builds and the garbage collector walks (a
+    tuple subclass is never untracked). A store reads the columns; indexing or iterating
+    gives `NewRecord`s, for stores that work record by record."""
+
+    __slots__ = ("ciphertexts", "domains", "fingerprints", "key_versions", "kinds", "tokens")
+
+    def __init__(self, domains: list[str], fingerprints: list[bytes], tokens: list[str],
+                 kinds: list[str], key_versions: list[int], ciphertexts: list[bytes]) -> None:
+        n = len(tokens)
+        if not (len(domains) == len(fingerprints) == len(kinds) == len(key_versions)
+                == len(ciphertexts) == n):
+            raise ValueError("NewRecords: the columns differ in length")
+        self.domains, self.fingerprints, self.tokens = domains, fingerprints, tokens
+        self.kinds, self.key_versions, self.ciphertexts = kinds, key_versions, ciphertexts
+
+    @classmethod
+    def of(cls, records: Sequence[NewRecord]) -> NewRecords:
+        if isinstance(records, NewRecords):
+            return records
+        if not records:
+            return cls([], [], [], [], [], [])
+        domains, fingerprints, tokens, kinds, versions, ciphertexts = map(
+            list, zip(*records, strict=True))
+        return cls(domains, fingerprints, tokens, kinds, versions, ciphertexts)
+
+    def where(self, keep: Sequence[bool]) -> NewRecords:
+        """The records at the positions `keep` marks."""
+        def pick(column: list[Any]) -> list[Any]:
+            return list(compress(column, keep))
+        return NewRecords(pick(self.domains), pick(self.fingerprints), pick(self.tokens),
+                          pick(self.kinds), pick(self.key_versions), pick(self.ciphertexts))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @overload
+    def __getitem__(self, i: int) -> NewRecord: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> NewRecords: ...
+
+    def __getitem__(self, i: int | slice) -> NewRecord | NewRecords:
+        if isinstance(i, slice):
+            return NewRecords(self.domains[i], self.fingerprints[i], self.tokens[i],
+                              self.kinds[i], self.key_versions[i], self.ciphertexts[i])
+        return NewRecord(self.domains[i], self.fingerprints[i], self.tokens[i], self.kinds[i],
+                         self.key_versions[i], self.ciphertexts[i])
+
+
 def check_key_versions(current: int | None, records: Sequence[NewRecord]) -> int | None:
     """The rule every store applies inside the transaction that inserts `records`, against
     the vault's recorded current key version: a record under an older version is refused
@@ -48,7 +99,7 @@ def check_key_versions(current: int | None, records: Sequence[NewRecord]) -> int
     once a rotation is recorded no new record lands under an old version and a rewrap that
     starts afterwards can finish. Returns the newer version to record when the records carry
     one (keys from DEID_KEYS are rotated where that secret lives), else None."""
-    versions = set(map(attrgetter("key_version"), records))
+    versions = set(NewRecords.of(records).key_versions)
     if current is not None and min(versions) < current:
         raise StaleKeyVersionError(
             f"deid keys: values were encrypted under key version {min(versions)} but the "
@@ -72,7 +123,7 @@ class Erasure:
 # seal(prev_hash, record) -> hash of this record; provided by the token service (keyed).
 Sealer = Callable[[str, dict[str, Any]], str]
 
-__all__ = ["GENESIS", "NewRecord", "Sealer", "StoredValue", "VaultStore"]
+__all__ = ["GENESIS", "NewRecord", "NewRecords", "Sealer", "StoredValue", "VaultStore"]
 
 
 class VaultStore(ABC):

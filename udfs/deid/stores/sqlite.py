@@ -38,7 +38,6 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import accumulate, chain, compress
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from .base import (
     GENESIS,
     Erasure,
     NewRecord,
+    NewRecords,
     Sealer,
     StoredValue,
     VaultStore,
@@ -223,28 +223,24 @@ select cast(substr(?2, ?6 * i + 1, ?6) as text), ?7, substr(?3, 32 * i + 1, 32),
 from r order by i
 """
 _OFFSET_LIMIT = 10**8  # 8 digits
-_TOKEN, _FINGERPRINT, _CIPHERTEXT = (attrgetter(name)
-                                     for name in ("token", "fingerprint", "ciphertext"))
-_SHARED = attrgetter("domain", "kind", "key_version")
 
 
-def _append(db: sqlite3.Connection, records: Sequence[NewRecord]) -> int:
+def _append(db: sqlite3.Connection, records: NewRecords) -> int:
     """Append `records` to the journal in their order (seqs up to the one returned)."""
-    first = records[0]
-    tokens = list(map(str.encode, map(_TOKEN, records)))
-    fingerprints = list(map(_FINGERPRINT, records))
-    ciphertexts = list(map(_CIPHERTEXT, records))
+    tokens = list(map(str.encode, records.tokens))
+    fingerprints, ciphertexts = records.fingerprints, records.ciphertexts
     ends = tuple(accumulate(map(len, ciphertexts), initial=1))[1:]
     widths = set(map(len, tokens))
+    shared = set(zip(records.domains, records.kinds, records.key_versions, strict=True))
     if (len(widths) == 1 and ends[-1] < _OFFSET_LIMIT and set(map(len, fingerprints)) == {32}
-            and len(set(map(_SHARED, records))) == 1):
+            and len(shared) == 1):
         db.execute(_APPEND_PACKED, (len(records), b"".join(tokens), b"".join(fingerprints),
                                     b"".join(ciphertexts), (b"%08d" * len(ends)) % ends,
-                                    widths.pop(), first.domain, first.kind, first.key_version))
+                                    widths.pop(), *shared.pop()))
     else:
         db.executemany(f"insert into j.journal ({_COLUMNS}) values (?, ?, ?, ?, ?, ?)",
-                       [(r.token, r.domain, r.fingerprint, r.kind, r.key_version, r.ciphertext)
-                        for r in records])
+                       zip(records.tokens, records.domains, fingerprints, records.kinds,
+                           records.key_versions, ciphertexts, strict=True))
     return int(db.execute("select last_insert_rowid()").fetchone()[0])
 
 
@@ -621,16 +617,15 @@ class SQLiteStore(VaultStore):
                                 "where key in ('journal_epoch', 'dropped_through')"))
         return marks.get("journal_epoch", 0), marks.get("dropped_through", 0)
 
-    def _learn(self, epoch: int, after: int, last: int, records: Sequence[NewRecord]) -> None:
+    def _learn(self, epoch: int, after: int, last: int, records: NewRecords) -> None:
         """After a commit: add what this writer appended (seqs after+1..last) to the index,
         unless another thread moved the index on."""
         with self._journal_lock:
             index = self._journal
             if index.epoch != epoch or index.seq != after:
                 return  # the next catch-up reads them
-            index.add(range(last - len(records) + 1, last + 1),
-                      list(map(attrgetter("domain"), records)),
-                      list(map(_FINGERPRINT, records)), list(map(_TOKEN, records)))
+            index.add(range(last - len(records) + 1, last + 1), records.domains,
+                      records.fingerprints, records.tokens)
 
     @staticmethod
     def _select_in(db: sqlite3.Connection, sql: str, head: tuple[Any, ...],
@@ -727,6 +722,7 @@ class SQLiteStore(VaultStore):
         is taken by another value (or was erased) is left out, for the caller to retry."""
         if not records:
             return {}
+        records = NewRecords.of(records)
         # What this thread's last lookup found absent from the levels. Only a merge adds
         # records to a level, and they stay in the journal until it moves `dropped`: at the
         # same marks, a fingerprint absent then is absent from the levels now or in the
@@ -743,35 +739,37 @@ class SQLiteStore(VaultStore):
             epoch, after = index.epoch, index.seq
             marks = (index.epoch, index.dropped)
             winners: dict[bytes, str] = {}
-            domains = set(map(attrgetter("domain"), records))
+            domains = set(records.domains)
             for domain in domains:
                 journaled = index.by_fingerprint.get(domain, {})
-                fps = (list(map(_FINGERPRINT, records)) if len(domains) == 1 else
-                       [r.fingerprint for r in records if r.domain == domain])
+                fps = records.fingerprints if len(domains) == 1 else list(compress(
+                    records.fingerprints, [d == domain for d in records.domains]))
                 winners.update((fp, journaled[fp]) for fp in journaled.keys() & fps)
                 unseen = [fp for fp in fps if fp not in winners] if winners else fps
                 if (absent_marks != marks or absent_domain != domain
                         or not absent.issuperset(unseen)):
                     winners.update(self._tokens_by_fingerprint(db, unseen, domain))
-            fresh = [r for r in records if r.fingerprint not in winners] if winners else records
-            proposed = list(map(_TOKEN, fresh))
+            fresh = records.where([fp not in winners for fp in records.fingerprints]) \
+                if winners else records
+            proposed = fresh.tokens
             holding = () if random_tokens else self._holding(db, (*_LEVELS, "erased"))
             taken = {t for t, _t in self._probe(db, proposed, holding, "token")} if holding \
                 else set()
             taken.update(index.by_token.keys() & proposed)
-            fresh_fps = list(map(_FINGERPRINT, fresh))
             if (not taken and len(set(proposed)) == len(proposed)
-                    and len(set(fresh_fps)) == len(fresh_fps)):
-                new = list(fresh)  # no collision, no repeated value: the common case
-                winners.update(zip(fresh_fps, proposed, strict=True))
+                    and len(set(fresh.fingerprints)) == len(proposed)):
+                new = fresh  # no collision, no repeated value: the common case
+                winners.update(zip(fresh.fingerprints, proposed, strict=True))
             else:
-                new = []
-                for r in fresh:
-                    if r.token in taken or r.fingerprint in winners:
-                        continue  # a collision (retried by the caller), or a repeated value
-                    taken.add(r.token)
-                    winners[r.fingerprint] = r.token
-                    new.append(r)
+                keep = []
+                for fp, token in zip(fresh.fingerprints, proposed, strict=True):
+                    # A collision (retried by the caller), or a repeated value: left out.
+                    kept = token not in taken and fp not in winners
+                    if kept:
+                        taken.add(token)
+                        winners[fp] = token
+                    keep.append(kept)
+                new = fresh.where(keep)
             last = _append(db, new) if new else after
             pending = len(index.by_token) + len(new)
         if newer is not None:
