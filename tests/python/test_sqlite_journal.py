@@ -578,3 +578,29 @@ def test_a_batch_of_new_records_is_the_same_as_column_or_as_rows() -> None:
     assert batch.key_versions == [1, 2, 1, 2, 1] and len(NewRecords.of([])) == 0
     with pytest.raises(ValueError, match="differ in length"):
         NewRecords(["email"], [], ["tok"], ["email"], [1], [b""])
+
+
+def test_a_fresh_index_reads_the_journal_as_rows_would(vault_path: Path) -> None:
+    """A new process reads the journal column by column in one row of joined strings; a
+    value that holds the separator sends it back to reading row by row, with the same
+    result either way."""
+    from deid.stores.base import NewRecord
+
+    svc = _service(vault_path)
+    svc.tokenize("email", VALUES[:50])
+    store = svc.store
+    assert isinstance(store, SQLiteStore)
+    db = store._db()
+    rows = db.execute("select seq, domain, fingerprint, token from j.journal order by seq"
+                      ).fetchall()
+    assert list(zip(*store._journal_rows_after(db, 0), strict=True)) == rows
+    assert list(zip(*store._journal_rows_after(db, rows[9][0]), strict=True)) == rows[10:]
+    assert store._journal_rows_after(db, rows[-1][0]) == ([], [], [], [])
+    odd = NewRecord("a\nb", os.urandom(32), "tok_with_a_newline_domain", "email",
+                    store.keyring().current, os.urandom(40))
+    store.insert_tokens([odd], random_tokens=True)
+    other = SQLiteStore(vault_path)
+    index = other._catch_up(other._db())
+    assert index is not None
+    assert index.by_fingerprint["a\nb"] == {odd.fingerprint: odd.token}
+    assert len(index.by_token) == 51

@@ -601,12 +601,32 @@ class SQLiteStore(VaultStore):
                 index = _JournalIndex(epoch)
             if dropped > index.dropped:
                 index.drop(dropped)
-            rows = db.execute("select seq, domain, fingerprint, token from j.journal "
-                              "where seq > ? order by seq", (index.seq,)).fetchall()
-            if rows:
-                index.add(*zip(*rows, strict=True))
+            index.add(*self._journal_rows_after(db, index.seq))
             self._journal = index
             return index
+
+    @staticmethod
+    def _journal_rows_after(db: sqlite3.Connection, seq: int
+                            ) -> tuple[list[int], list[str], list[bytes], list[str]]:
+        """The journal's rows after `seq`, column by column in seq order: one row of four
+        strings, split in C (a fresh process indexes up to a quarter of a million rows, at
+        ~2 µs a row as tuples). Each row adds to all four in the same step, so positions
+        agree; the order is SQLite's scan order, not a promise: checked, as are the
+        separators."""
+        n, seqs, domains, fingerprints, tokens = db.execute(
+            "select count(*), group_concat(seq), group_concat(domain, char(10)), "
+            "group_concat(hex(fingerprint)), group_concat(token, char(10)) "
+            "from j.journal where seq > ?", (seq,)).fetchone()
+        if not n:
+            return [], [], [], []
+        columns = (list(map(int, seqs.split(","))), domains.split("\n"),
+                   list(map(bytes.fromhex, fingerprints.split(","))), tokens.split("\n"))
+        if any(len(column) != n for column in columns) or columns[0] != sorted(columns[0]):
+            # Not in seq order, or a separator inside a value: row by row.
+            rows = db.execute("select seq, domain, fingerprint, token from j.journal "
+                              "where seq > ? order by seq", (seq,)).fetchall()
+            columns = tuple(map(list, zip(*rows, strict=True)))  # type: ignore[assignment]
+        return columns
 
     @staticmethod
     def _journal_marks(db: sqlite3.Connection) -> tuple[int, int]:
