@@ -112,14 +112,16 @@ def phase_build(rows: int, distinct: float, hashing: str, vault: str, cache_size
                 repeat_in_process: int) -> dict[str, float]:
     import duckdb
 
-    from deid.duckdb_plugin import register
+    from deid.duckdb_plugin import register, udf_threads
     from deid.vault import VaultConfig, open_service
 
     con = duckdb.connect(str(OUT / f"warehouse_{rows}_{distinct}.duckdb"))
     if hashing == "deid":
         svc = open_service(VaultConfig(url=vault, cache_size=cache_size))
         svc.store.grant_tokenize("bench", "*", "tokenize", "bench")  # type: ignore[attr-defined]
-        register(con, svc, "bench")
+        # The threads the dbt plugin gives this vault's UDFs.
+        register(con, svc, "bench", threads=udf_threads(vault),
+                 detokenize_threads=udf_threads(vault, "detokenize"))
     times = []
     for _ in range(repeat_in_process):
         t0 = time.perf_counter()
@@ -176,13 +178,14 @@ def phase_detok_mart(rows: int, distinct: float, vault: str) -> dict[str, float]
     """detokenize a whole mart column (10 % distinct tokens) through DuckDB, default caches."""
     import duckdb
 
-    from deid.duckdb_plugin import register
+    from deid.duckdb_plugin import register, udf_threads
     from deid.vault import VaultConfig, open_service
 
     svc = open_service(VaultConfig(url=vault))
     svc.store.grant("bench", "bench")  # type: ignore[attr-defined]
     con = duckdb.connect(str(OUT / f"warehouse_{rows}_{distinct}.duckdb"))
-    register(con, svc, "bench")
+    register(con, svc, "bench", threads=udf_threads(vault),
+             detokenize_threads=udf_threads(vault, "detokenize"))
     t0 = time.perf_counter()
     n = con.sql("select count(deid.detokenize(email_token)) from mart").fetchall()[0][0]
     elapsed = time.perf_counter() - t0

@@ -281,8 +281,45 @@ def test_a_forked_child_runs_the_udfs_on_threads_of_its_own(
 
 
 def test_udf_threads_follow_the_vault() -> None:
-    assert duckdb_plugin.udf_threads("sqlite:///v.db") == 1
-    assert duckdb_plugin.udf_threads("postgresql://h/db") == (os.cpu_count() or 2)
+    cores = os.cpu_count() or 2
+    assert duckdb_plugin.udf_threads("sqlite:///v.db") == min(2, cores)
+    assert duckdb_plugin.udf_threads("sqlite:///v.db", "detokenize") == 1
+    assert duckdb_plugin.udf_threads("postgresql://h/db") == cores
+    assert duckdb_plugin.udf_threads("postgresql://h/db", "detokenize") == cores
+
+
+def test_tokenize_on_two_threads_gives_each_value_one_token(
+        service: VaultTokenService, tmp_path: Path) -> None:
+    """Two pool threads tokenize vectors that share new values at the same time: each value
+    must still get one token, the one the vault holds."""
+    import threading
+
+    service.store.grant_tokenize("p", "*", "tokenize", "test")
+    seen: set[str] = set()
+    tokenize = service.tokenize
+
+    def slow(*args: object, **kwargs: object) -> list[str | None]:
+        seen.add(threading.current_thread().name)
+        time.sleep(0.005)  # calls overlap
+        return tokenize(*args, **kwargs)  # type: ignore[arg-type]
+
+    service.tokenize = slow  # type: ignore[method-assign]
+    c = duckdb.connect(str(tmp_path / "w.duckdb"), config={"threads": 4})
+    register(c, service, "p", threads=2, detokenize_threads=1)
+    # Row groups of 122,880 rows: DuckDB's threads scan several at once.
+    c.execute("create table raw as select i % 3000 v, 'u' || (i % 3000) || '@example.com' e "
+              "from range(500000) r(i)")
+    rows = c.sql("select distinct v, t from (select v, deid.tokenize(e, 'email') t from raw)"
+                 ).fetchall()
+    by_value: dict[int, set[str]] = {}
+    for v, t in rows:
+        by_value.setdefault(v, set()).add(t)
+    assert len(by_value) == 3000 and all(len(ts) == 1 for ts in by_value.values())
+    service.tokenize = tokenize  # type: ignore[method-assign]
+    fresh = VaultTokenService(SQLiteStore(service.store.path), cache_size=0)  # type: ignore[attr-defined]
+    values = [f"u{v}@example.com" for v in range(3000)]
+    assert fresh.tokenize("email", values) == [by_value[v].pop() for v in range(3000)]
+    assert len({name for name in seen if name.startswith("deid-udf")}) == 2
 
 
 def _plugin(config: dict[str, object]) -> duckdb.DuckDBPyConnection:

@@ -61,15 +61,17 @@ _CATALOG = "deid"
 
 def register(conn: duckdb.DuckDBPyConnection,
              service: TokenService | Callable[[], TokenService], principal: str, *,
-             threads: int = 1) -> None:
+             threads: int = 1, detokenize_threads: int | None = None) -> None:
     """Register deid.tokenize / deid.detokenize on `conn` (idempotent per connection).
 
     `service` may be a factory: the vault is then opened by the first call that needs it, so
     connecting (dbt parse, compile, lint) never touches the vault, and an unavailable vault
-    fails the query that needed it. The calls run on a process-wide pool of `threads` Python
-    threads (see `udf_threads`).
+    fails the query that needed it. Tokenize calls run on a process-wide pool of `threads`
+    Python threads, detokenize calls on one of `detokenize_threads` (default: `threads`);
+    see `udf_threads`.
     """
     pool = _worker_pool(threads)
+    detokenize_pool = _worker_pool(detokenize_threads or threads)
     if isinstance(service, TokenService):
         ready = service
 
@@ -109,7 +111,7 @@ def register(conn: duckdb.DuckDBPyConnection,
 
     def detokenize(tokens: pa.Array | pa.ChunkedArray,
                    txids: pa.Array | pa.ChunkedArray) -> pa.Array:
-        return _guarded(pool, "detokenize", _detokenize, tokens, txids)
+        return _guarded(detokenize_pool, "detokenize", _detokenize, tokens, txids)
 
     def _detokenize(tokens: pa.Array | pa.ChunkedArray,
                     txids: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -183,12 +185,18 @@ def _worker_pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def udf_threads(vault_url: str) -> int:
-    """How many Python threads run the UDF calls for a vault. One for a SQLite vault: Python
-    runs one thread at a time anyway, and a second one stepping through SQLite rows waited
-    for the interpreter behind a busy first at every row (detokenize ran 25 % slower with
-    two). A vault over the network overlaps its round trips: one thread per core."""
-    return 1 if vault_url.startswith("sqlite:") else (os.cpu_count() or 2)
+def udf_threads(vault_url: str, action: str = "tokenize") -> int:
+    """How many Python threads run a UDF's calls (`action`: tokenize or detokenize) for a
+    vault. A vault over the network overlaps its round trips: one thread per core. For a
+    SQLite vault Python runs one thread at a time, but a tokenize call spends a third of its
+    time in SQLite's lookups and commit, which release the interpreter: a second thread runs
+    its Python meanwhile (a rebuild of the benchmark mart: 10 % faster with two). Detokenize
+    keeps one: a second thread stepping through SQLite rows waited for the interpreter
+    behind a busy first at every row (25 % slower with two)."""
+    cores = os.cpu_count() or 2
+    if not vault_url.startswith("sqlite:"):
+        return cores
+    return min(2, cores) if action == "tokenize" else 1
 
 
 def _guarded(pool: ThreadPoolExecutor, action: str, body: Callable[..., pa.Array],
@@ -247,7 +255,8 @@ class Plugin(BasePlugin):
             return self._service
 
     def configure_connection(self, conn: duckdb.DuckDBPyConnection) -> None:
-        register(conn, self.service, self.principal, threads=udf_threads(self.config.url))
+        register(conn, self.service, self.principal, threads=udf_threads(self.config.url),
+                 detokenize_threads=udf_threads(self.config.url, "detokenize"))
 
 
 def _dbt_project_dir() -> Path | None:
