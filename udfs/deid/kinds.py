@@ -113,8 +113,6 @@ def _random_digits(n: int, width: int) -> list[str]:
     return list(map(fmt.format, _uniform_below(n, 10**width)))
 
 
-
-
 def _email_tokens(n: int, _canonicals: list[str]) -> list[str]:
     return _base32_bodies(n, "@deid.invalid")
 

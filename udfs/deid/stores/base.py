@@ -78,6 +78,10 @@ class NewRecords(Sequence[NewRecord]):
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def __iter__(self) -> Iterator[NewRecord]:
+        return map(NewRecord, self.domains, self.fingerprints, self.tokens, self.kinds,
+                   self.key_versions, self.ciphertexts)
+
     @overload
     def __getitem__(self, i: int) -> NewRecord: ...
 

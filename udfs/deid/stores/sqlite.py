@@ -121,6 +121,11 @@ class _JournalIndex:
             for domain, by_fp in self.by_fingerprint.items()}
         self.dropped = through
 
+    def tokens_of(self, domain: str, fingerprints: Sequence[bytes]) -> dict[bytes, str]:
+        """fingerprint -> token for those of `fingerprints` the journal holds in `domain`."""
+        journaled = self.by_fingerprint.get(domain, {})
+        return {fp: journaled[fp] for fp in journaled.keys() & fingerprints}
+
     def add(self, seqs: Sequence[int], domains: Sequence[str],
             fingerprints: Sequence[bytes], tokens: Sequence[str]) -> None:
         """Index journal rows, given column by column in seq order: per domain, in C-level
@@ -719,8 +724,7 @@ class SQLiteStore(VaultStore):
         with self._tx(write=False) as db:
             index = self._catch_up(db)
             if index is not None:
-                journaled = index.by_fingerprint.get(domain, {})
-                found = {fp: journaled[fp] for fp in journaled.keys() & fingerprints}
+                found = index.tokens_of(domain, fingerprints)
             else:
                 found = dict(self._select_in(
                     db, "select fingerprint, token from j.journal where domain = ? and "
@@ -761,10 +765,9 @@ class SQLiteStore(VaultStore):
             winners: dict[bytes, str] = {}
             domains = set(records.domains)
             for domain in domains:
-                journaled = index.by_fingerprint.get(domain, {})
                 fps = records.fingerprints if len(domains) == 1 else list(compress(
                     records.fingerprints, [d == domain for d in records.domains]))
-                winners.update((fp, journaled[fp]) for fp in journaled.keys() & fps)
+                winners.update(index.tokens_of(domain, fps))
                 unseen = [fp for fp in fps if fp not in winners] if winners else fps
                 if (absent_marks != marks or absent_domain != domain
                         or not absent.issuperset(unseen)):
