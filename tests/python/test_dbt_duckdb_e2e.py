@@ -139,11 +139,30 @@ def test_engine_error_quotes_a_value_and_scan_artifacts_reports_it(built: DbtPro
     assert not [v for v in raw_values() if v in out.stdout + out.stderr]
 
 
+def _only_inside_tokens(warehouse: Path, value: str) -> bool:
+    """True when the warehouse's tables hold `value` only inside deid tokens. Phone and card
+    tokens are random digits: the example's ~29,000 nine-digit windows of them meet one of
+    its 79 nine-digit raw values by chance in about one build of 200 (seen once in CI)."""
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        columns = con.sql(
+            "select c.table_schema, c.table_name, c.column_name from information_schema.columns c "
+            "join information_schema.tables t using (table_catalog, table_schema, table_name) "
+            "where t.table_type = 'BASE TABLE' and c.data_type = 'VARCHAR'").fetchall()
+        holders = [h for schema, table, column in columns for (h,) in con.execute(
+            f'select distinct "{column}" from "{schema}"."{table}" '
+            f'where contains("{column}", ?)', [value]).fetchall()]
+    finally:
+        con.close()
+    return bool(holders) and all(map(kinds.is_token, holders))
+
+
 def test_warehouse_file_holds_no_raw_seed_value_byte_for_byte(built: DbtProject) -> None:
     """Analysts get the warehouse file: raw landing data lives in its own attached file."""
     raw = {v for v in raw_values() if len(v) >= 6}
     warehouse = (built.path / "warehouse.duckdb").read_bytes()
-    found = [v for v in raw if v.encode() in warehouse]
+    found = [v for v in raw if v.encode() in warehouse
+             and not _only_inside_tokens(built.path / "warehouse.duckdb", v)]
     assert len(found) == 0, f"warehouse.duckdb holds {len(found)} of {len(raw)} raw seed values"
     # the raw file does hold them: the search would find them
     assert sum(v.encode() in (built.path / "raw.duckdb").read_bytes() for v in raw) > len(raw) // 2
@@ -251,3 +270,16 @@ def test_missing_key_fails_the_model_and_keeps_the_previous_mart(built: DbtProje
     finally:
         shutil.move(aside, key_file)
     assert query(built, "select * from main.fct_payments order by payment_id") == before
+
+
+def test_a_raw_value_inside_a_token_only_is_told_from_a_stored_one(tmp_path: Path) -> None:
+    """The warehouse check's exception holds for digits inside tokens, nowhere else."""
+    path = tmp_path / "w.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("create table m as select * from (values ('9123456789012345', '+999555123456789'),"
+                " ('938260927', 'x')) t(card_token, other)")
+    con.execute("create view v as select * from m")
+    con.close()
+    assert _only_inside_tokens(path, "123456789")  # inside a card token and a phone token
+    assert not _only_inside_tokens(path, "938260927")  # stored as itself
+    assert not _only_inside_tokens(path, "000000000")  # nowhere in a table: not explained
